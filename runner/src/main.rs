@@ -1,0 +1,180 @@
+//! `outpost-runner`: register with an Outpost server, then pull and run its jobs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use outpost_runner::{Credentials, RunOptions, Settings};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// Outpost runner: pulls deployment jobs from an Outpost server over outbound HTTPS and runs their
+/// kubectl, helm and script steps.
+#[derive(Debug, Parser)]
+#[command(name = "outpost-runner", version)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The runner's commands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register this runner with a server and save its credentials in the config dir.
+    Register(RegisterArgs),
+    /// Pull jobs from the server and run them until stopped (SIGTERM or Ctrl-C drains; a second
+    /// signal cancels the running job).
+    Run(RunArgs),
+}
+
+/// Where the runner keeps its credentials and settings.
+#[derive(Debug, Args)]
+struct ConfigDir {
+    /// Config directory [default: $OUTPOST_RUNNER_CONFIG_DIR, else $XDG_CONFIG_HOME/outpost-runner,
+    /// else ~/.config/outpost-runner].
+    #[arg(long, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+}
+
+impl ConfigDir {
+    fn resolve(&self) -> anyhow::Result<PathBuf> {
+        match &self.config_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => outpost_runner::default_config_dir(),
+        }
+    }
+}
+
+/// Arguments of `register`.
+#[derive(Debug, Args)]
+struct RegisterArgs {
+    /// The server's base URL, e.g. https://outpost.example.com.
+    #[arg(long, value_name = "URL", env = "OUTPOST_SERVER")]
+    server: String,
+    /// A registration token from the server's admin.
+    #[arg(
+        long,
+        value_name = "REGTOKEN",
+        env = "OUTPOST_REGISTRATION_TOKEN",
+        hide_env_values = true
+    )]
+    token: String,
+    /// A name people recognise [default: this machine's host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Labels jobs select runners by (`runs_on`), comma-separated, e.g. aks-prod,linux.
+    #[arg(long, value_delimiter = ',', value_name = "LABELS")]
+    labels: Vec<String>,
+    /// Where to save the credentials.
+    #[command(flatten)]
+    config: ConfigDir,
+}
+
+/// Arguments of `run`.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Where the credentials and runner.toml are.
+    #[command(flatten)]
+    config: ConfigDir,
+    /// Run one job, then exit (for ephemeral machines).
+    #[arg(long)]
+    once: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Register(args) => register(args).await,
+        Command::Run(args) => run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn register(args: RegisterArgs) -> anyhow::Result<()> {
+    let dir = args.config.resolve()?;
+    let name = match args.name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .context("could not read this machine's host name: pass --name")?,
+    };
+    if let Ok(old) = Credentials::load(&dir) {
+        tracing::warn!(
+            "replacing the credentials of runner {} ({}) in {}",
+            old.name,
+            old.runner_id,
+            dir.display()
+        );
+    }
+    let creds = outpost_runner::register(&args.server, &args.token, &name, args.labels).await?;
+    creds.save(&dir)?;
+    eprintln!(
+        "registered runner {} ({}) with {}; credentials saved in {}",
+        creds.name,
+        creds.runner_id,
+        creds.server_url,
+        dir.join(outpost_runner::settings::CREDENTIALS_FILE).display()
+    );
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let dir = args.config.resolve()?;
+    let creds = Credentials::load(&dir)?;
+    let settings = Settings::load(&dir)?;
+    let shutdown = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let mut sigterm = signal(SignalKind::terminate()).context("could not listen for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("could not listen for SIGINT")?;
+    let (drain, stop) = (shutdown.clone(), abort.clone());
+    let drain_grace = settings.drain_grace_secs;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        tracing::info!(
+            "received {name}: finishing the running job (up to {drain_grace}s), then exiting; send it again to cancel the job"
+        );
+        drain.cancel();
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        tracing::warn!("received {name} again: cancelling the running job");
+        stop.cancel();
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+            tracing::warn!("already stopping: the job is being cancelled and reported");
+        }
+    });
+    outpost_runner::run_with_abort(
+        creds,
+        settings,
+        RunOptions { once: args.once },
+        shutdown,
+        abort,
+    )
+    .await
+}

@@ -1,0 +1,297 @@
+//! The runner's credentials (`credentials.json`) and settings (`runner.toml` and the environment).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// File name of the credentials in the config dir.
+pub const CREDENTIALS_FILE: &str = "credentials.json";
+/// File name of the settings in the config dir.
+pub const SETTINGS_FILE: &str = "runner.toml";
+/// Prefix of the environment variables that override settings: `OUTPOST_RUNNER__POLL_WAIT_SECS=5`.
+pub const ENV_PREFIX: &str = "OUTPOST_RUNNER";
+
+/// What `register` obtained from the server, saved as `credentials.json` (mode 0600) in the
+/// config dir. `Debug` does not show the token.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credentials {
+    /// The server's base URL, e.g. `https://outpost.example.com`.
+    pub server_url: String,
+    /// The runner's id on the server.
+    pub runner_id: uuid::Uuid,
+    /// The runner's own credential (the server keeps only its hash).
+    pub runner_token: String,
+    /// The name it registered with.
+    pub name: String,
+    /// The labels it registered with.
+    pub labels: Vec<String>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("server_url", &self.server_url)
+            .field("runner_id", &self.runner_id)
+            .field("runner_token", &"<redacted>")
+            .field("name", &self.name)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Reads `credentials.json` from `config_dir`.
+    pub fn load(config_dir: &Path) -> anyhow::Result<Self> {
+        let path = config_dir.join(CREDENTIALS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "no credentials in {}: run `outpost-runner register` first",
+                config_dir.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("could not read the credentials in {}", path.display())
+                });
+            }
+        };
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "{} can be read by other users; run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the credentials in {} are damaged: run `outpost-runner register` again",
+                path.display()
+            )
+        })
+    }
+
+    /// Writes `credentials.json` into `config_dir` with mode 0600, creating the dir with mode 0700.
+    ///
+    /// The file is written beside its final name and renamed into place, so a crash never leaves
+    /// half a file behind.
+    pub fn save(&self, config_dir: &Path) -> anyhow::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(config_dir)
+            .with_context(|| {
+                format!(
+                    "could not create the config directory {}",
+                    config_dir.display()
+                )
+            })?;
+        let path = config_dir.join(CREDENTIALS_FILE);
+        let tmp = config_dir.join(format!(".{CREDENTIALS_FILE}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let json = serde_json::to_vec_pretty(self).context("could not encode the credentials")?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&json)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().with_context(|| format!("could not write the credentials to {}", path.display()))
+    }
+}
+
+/// Runner settings: the defaults below, then `<config_dir>/runner.toml` if it exists, then
+/// environment variables `OUTPOST_RUNNER__<FIELD>` (e.g. `OUTPOST_RUNNER__POLL_WAIT_SECS=5`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where per-job workspaces are created (`<work_dir>/<job id>`); a relative path is taken
+    /// relative to the config dir. Default: `<config_dir>/work`.
+    pub work_dir: PathBuf,
+    /// Command line that runs a `run:` step's script, split like a shell would; `{0}` stands for
+    /// the script file. Default: `bash -eo pipefail {0}`.
+    pub shell: String,
+    /// The `kubectl` binary: a path, or a name looked up on `PATH`. Default: `kubectl`.
+    pub kubectl: PathBuf,
+    /// The `helm` binary: a path, or a name looked up on `PATH`. Default: `helm`.
+    pub helm: PathBuf,
+    /// The `git` binary used by `checkout`: a path, or a name looked up on `PATH`. Default: `git`.
+    pub git: PathBuf,
+    /// Keep each job's workspace after the job instead of removing it (for debugging).
+    /// Default: `false`.
+    pub keep_workspaces: bool,
+    /// How long one acquire long poll may wait for a job, in seconds (the server may cap it).
+    /// Default: 30.
+    pub poll_wait_secs: u64,
+    /// Seconds between asking a step to stop (`SIGINT`, then `SIGTERM`) and killing it
+    /// (`SIGKILL`). Default: 10.
+    pub kill_grace_secs: u64,
+    /// After `SIGTERM`, how long the running job may take to finish before it is cancelled, in
+    /// seconds. Default: 3600.
+    pub drain_grace_secs: u64,
+}
+
+impl Settings {
+    /// The defaults, for a runner whose config dir is `config_dir`.
+    pub fn defaults_for(config_dir: &Path) -> Self {
+        Self {
+            work_dir: config_dir.join("work"),
+            shell: "bash -eo pipefail {0}".into(),
+            kubectl: "kubectl".into(),
+            helm: "helm".into(),
+            git: "git".into(),
+            keep_workspaces: false,
+            poll_wait_secs: 30,
+            kill_grace_secs: 10,
+            drain_grace_secs: 3600,
+        }
+    }
+
+    /// Defaults, then `<config_dir>/runner.toml` if present, then `OUTPOST_RUNNER__*` variables.
+    pub fn load(config_dir: &Path) -> anyhow::Result<Self> {
+        Self::load_from(config_dir, None)
+    }
+
+    /// Like [`Settings::load`], with the environment given as a map instead of read from the
+    /// process (for tests).
+    pub fn load_from(
+        config_dir: &Path,
+        env: Option<BTreeMap<String, String>>,
+    ) -> anyhow::Result<Self> {
+        use config::{Config, Environment, File, FileFormat};
+        let file = config_dir.join(SETTINGS_FILE);
+        let defaults = Config::try_from(&Self::defaults_for(config_dir))
+            .context("could not build the default settings")?;
+        let mut env_source = Environment::with_prefix(ENV_PREFIX)
+            .separator("__")
+            .try_parsing(true);
+        if let Some(vars) = env {
+            env_source = env_source.source(Some(vars.into_iter().collect()));
+        }
+        let built = Config::builder()
+            .add_source(defaults)
+            .add_source(
+                File::new(&file.to_string_lossy(), FileFormat::Toml).required(false),
+            )
+            .add_source(env_source)
+            .build()
+            .with_context(|| {
+                format!("could not read the runner settings in {}", file.display())
+            })?;
+        let mut settings: Settings = built.try_deserialize().with_context(|| {
+            format!(
+                "the runner settings are not valid (from {} and {ENV_PREFIX}__* variables)",
+                file.display()
+            )
+        })?;
+        if settings.work_dir.is_relative() {
+            settings.work_dir = config_dir.join(&settings.work_dir);
+        }
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_does_not_show_the_token() {
+        let c = Credentials {
+            server_url: "http://127.0.0.1:1".into(),
+            runner_id: uuid::Uuid::nil(),
+            runner_token: "s3cr3t-token".into(),
+            name: "r".into(),
+            labels: vec!["a".into()],
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-token"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn credentials_round_trip_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("nested/config");
+        let c = Credentials {
+            server_url: "http://127.0.0.1:1".into(),
+            runner_id: uuid::Uuid::now_v7(),
+            runner_token: "t".into(),
+            name: "r".into(),
+            labels: vec!["a".into(), "b".into()],
+        };
+        c.save(&dir).unwrap();
+        assert_eq!(Credentials::load(&dir).unwrap(), c);
+        let file_mode = std::fs::metadata(dir.join(CREDENTIALS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(file_mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        // Saving again replaces the file.
+        c.save(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_credentials_say_what_to_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Credentials::load(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("run `outpost-runner register` first"), "{err}");
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let none = Some(BTreeMap::new());
+        let s = Settings::load_from(tmp.path(), none.clone()).unwrap();
+        assert_eq!(s, Settings::defaults_for(tmp.path()));
+
+        std::fs::write(
+            tmp.path().join(SETTINGS_FILE),
+            "work_dir = \"jobs\"\npoll_wait_secs = 5\nshell = \"sh -e {0}\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(tmp.path(), none).unwrap();
+        assert_eq!(s.work_dir, tmp.path().join("jobs"));
+        assert_eq!(s.poll_wait_secs, 5);
+        assert_eq!(s.shell, "sh -e {0}");
+        assert_eq!(s.kill_grace_secs, 10);
+
+        let env: BTreeMap<String, String> = [
+            ("OUTPOST_RUNNER__POLL_WAIT_SECS", "7"),
+            ("OUTPOST_RUNNER__KEEP_WORKSPACES", "true"),
+            ("OUTPOST_RUNNER__KUBECTL", "/opt/bin/kubectl"),
+            ("OUTPOST_RUNNER_CONFIG_DIR", "/ignored"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_from(tmp.path(), Some(env)).unwrap();
+        assert_eq!(s.poll_wait_secs, 7);
+        assert!(s.keep_workspaces);
+        assert_eq!(s.kubectl, PathBuf::from("/opt/bin/kubectl"));
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(SETTINGS_FILE), "pol_wait_secs = 5\n").unwrap();
+        let err = format!(
+            "{:#}",
+            Settings::load_from(tmp.path(), Some(BTreeMap::new())).unwrap_err()
+        );
+        assert!(err.contains("pol_wait_secs"), "{err}");
+    }
+}

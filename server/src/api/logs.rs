@@ -1,0 +1,293 @@
+//! Reading job logs: the whole log (with `Range: bytes=N-`) and the live Server-Sent Events stream.
+//!
+//! Both stream from the database a few chunks at a time, so memory stays bounded whatever the
+//! log's size.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body as HttpBody;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::extract::{Caller, parse_id};
+use super::{ApiError, ApiResult, AppState};
+use crate::store::{Scope, Store};
+
+/// Chunks read from the database per page.
+const PAGE_CHUNKS: u32 = 8;
+
+/// Parses `bytes=N-` (the only form a log reader needs); other forms are ignored.
+fn range_start(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::RANGE)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("bytes=")?;
+    let (start, end) = rest.split_once('-')?;
+    if !end.trim().is_empty() {
+        return None;
+    }
+    start.trim().parse().ok()
+}
+
+/// Streams the stored log from `from` to `to` (exclusive), page by page.
+fn log_body(store: Arc<Store>, job: Uuid, from: u64, to: u64) -> HttpBody {
+    let stream = futures::stream::unfold(from, move |offset| {
+        let store = store.clone();
+        async move {
+            if offset >= to {
+                return None;
+            }
+            match store.read_log(job, offset, PAGE_CHUNKS).await {
+                Ok(chunks) if !chunks.is_empty() => {
+                    let mut buf = Vec::new();
+                    let mut next = offset;
+                    for c in chunks {
+                        let start = c.start_offset.max(0) as u64;
+                        let end = (start + c.data.len() as u64).min(to);
+                        if end <= next {
+                            continue;
+                        }
+                        buf.extend_from_slice(&c.data[(next - start) as usize..(end - start) as usize]);
+                        next = end;
+                    }
+                    Some((Ok::<Bytes, std::io::Error>(Bytes::from(buf)), next))
+                }
+                Ok(_) => None,
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), to)),
+            }
+        }
+    });
+    HttpBody::from_stream(stream)
+}
+
+/// `GET /jobs/{id}/log`: the log as `text/plain`; `Range: bytes=N-` answers `206` with the tail.
+pub async fn get_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    caller.require(Scope::Read)?;
+    let id = parse_id(&id, "job")?;
+    let (_, size) = state.store.job_log_state(id).await?;
+    let start = range_start(&headers);
+    let mut resp = match start {
+        Some(n) if n >= size && !(n == 0 && size == 0) => {
+            let mut r = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+            return Ok(r);
+        }
+        Some(n) if n > 0 => {
+            let mut r = Response::new(log_body(state.store.clone(), id, n, size));
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {n}-{}/{size}", size - 1)).expect("ascii"),
+            );
+            r
+        }
+        _ => Response::new(log_body(state.store.clone(), id, 0, size)),
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    offset: Option<u64>,
+}
+
+struct StreamState {
+    store: Arc<Store>,
+    job: Uuid,
+    /// Bytes consumed so far (the `id` of the last event sent).
+    offset: u64,
+    /// Bytes read but held back because they end inside a UTF-8 character.
+    carry: Vec<u8>,
+    rx: watch::Receiver<u64>,
+    pending: VecDeque<Event>,
+    done: bool,
+    shutdown: CancellationToken,
+}
+
+/// Turns bytes into text without splitting a UTF-8 character: returns the text and leaves an
+/// incomplete trailing character in `carry`. Invalid bytes become U+FFFD.
+fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
+    let bytes = std::mem::take(carry);
+    match std::str::from_utf8(&bytes) {
+        Ok(s) => s.to_string(),
+        Err(e) if e.error_len().is_none() && !flush => {
+            let (good, rest) = bytes.split_at(e.valid_up_to());
+            *carry = rest.to_vec();
+            String::from_utf8_lossy(good).into_owned()
+        }
+        Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+impl StreamState {
+    async fn next_events(&mut self) -> Result<(), ApiError> {
+        loop {
+            // Mark the current version seen before reading, so an append after the read wakes us.
+            self.rx.borrow_and_update();
+            let (status, size) = self.store.job_log_state(self.job).await?;
+            let from = self.offset + self.carry.len() as u64;
+            if from < size {
+                let chunks = self.store.read_log(self.job, from, PAGE_CHUNKS).await?;
+                let mut next = from;
+                for c in chunks {
+                    let start = c.start_offset.max(0) as u64;
+                    let end = start + c.data.len() as u64;
+                    if end <= next {
+                        continue;
+                    }
+                    self.carry.extend_from_slice(&c.data[(next - start) as usize..]);
+                    next = end;
+                }
+                let held = self.carry.len();
+                let text = take_text(&mut self.carry, false);
+                let consumed = (held - self.carry.len()) as u64;
+                if consumed > 0 {
+                    self.offset += consumed;
+                    let data = serde_json::json!({ "offset": self.offset - consumed, "text": text });
+                    self.pending.push_back(
+                        Event::default()
+                            .event("log")
+                            .id(self.offset.to_string())
+                            .data(data.to_string()),
+                    );
+                    return Ok(());
+                }
+                if next < size {
+                    // Only part of a character in this page: read the next one at once.
+                    continue;
+                }
+                // Only part of a character so far: wait for the rest.
+            }
+            if status.is_final() {
+                if !self.carry.is_empty() {
+                    let held = self.carry.len() as u64;
+                    let text = take_text(&mut self.carry, true);
+                    let data = serde_json::json!({ "offset": self.offset, "text": text });
+                    self.offset += held;
+                    self.pending.push_back(
+                        Event::default()
+                            .event("log")
+                            .id(self.offset.to_string())
+                            .data(data.to_string()),
+                    );
+                }
+                let job = self.store.get_job(self.job).await?;
+                let data = serde_json::json!({ "status": status, "exit_code": job.exit_code, "log_size": size });
+                self.pending
+                    .push_back(Event::default().event("end").id(self.offset.to_string()).data(data.to_string()));
+                self.done = true;
+                return Ok(());
+            }
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        self.rx = self.store.events.subscribe_log(self.job);
+                    }
+                }
+                // Re-check now and then even without a wake-up, in case a notification was missed.
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = self.shutdown.cancelled() => {
+                    self.done = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// `GET /jobs/{id}/log/stream`: the existing log, then live appends, as Server-Sent Events.
+///
+/// Each `log` event carries `{"offset", "text"}` and has the byte offset after it as its `id`, so
+/// a client that reconnects with `Last-Event-ID` (or `?offset=`) resumes exactly where it was.
+/// The `end` event carries the final status.
+pub async fn stream_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    caller.require(Scope::Read)?;
+    let id = parse_id(&id, "job")?;
+    state.store.job_log_state(id).await?;
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let from_query = axum::extract::Query::<StreamQuery>::try_from_uri(&uri)
+        .ok()
+        .and_then(|q| q.0.offset);
+    let st = StreamState {
+        rx: state.store.events.subscribe_log(id),
+        store: state.store.clone(),
+        job: id,
+        offset: from_header.or(from_query).unwrap_or(0),
+        carry: Vec::new(),
+        pending: VecDeque::new(),
+        done: false,
+        shutdown: state.shutdown.clone(),
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(ev) = st.pending.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            if let Err(e) = st.next_events().await {
+                tracing::warn!(job.id = %st.job, error = ?e, "log stream failed");
+                let data = serde_json::json!({ "message": "the log could not be read; reconnect to resume" });
+                st.pending.push_back(Event::default().event("error").data(data.to_string()));
+                st.done = true;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_split_characters_for_later() {
+        let euro = "€".as_bytes();
+        let mut carry = vec![b'a', euro[0], euro[1]];
+        assert_eq!(take_text(&mut carry, false), "a");
+        assert_eq!(carry, &euro[..2]);
+        carry.push(euro[2]);
+        assert_eq!(take_text(&mut carry, false), "€");
+        assert!(carry.is_empty());
+    }
+
+    #[test]
+    fn parses_open_ranges_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=10-"));
+        assert_eq!(range_start(&h), Some(10));
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=10-20"));
+        assert_eq!(range_start(&h), None);
+    }
+}

@@ -1,0 +1,80 @@
+//! The HTTP API: thin handlers that parse, authorise, call the store and map the result.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+use crate::store::Store;
+
+pub mod error;
+pub mod extract;
+mod logs;
+mod pipelines;
+mod runner;
+mod runs;
+
+pub use error::{ApiError, ApiResult};
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The settings the server started with.
+    pub settings: Arc<Settings>,
+    /// Cancelled when the server shuts down, so long polls and streams end promptly.
+    pub shutdown: CancellationToken,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.server.max_body_bytes;
+    let api = Router::new()
+        .route("/pipelines", get(pipelines::list))
+        .route(
+            "/pipelines/{name}",
+            put(pipelines::apply)
+                .get(pipelines::get)
+                .delete(pipelines::delete),
+        )
+        .route("/pipelines/{name}/runs", post(runs::trigger))
+        .route("/runs", get(runs::list))
+        .route("/runs/{id}", get(runs::get))
+        .route("/runs/{id}/cancel", post(runs::cancel))
+        .route("/jobs/{id}", get(runs::get_job))
+        .route("/jobs/{id}/cancel", post(runs::cancel_job))
+        .route("/jobs/{id}/log", get(logs::get_log))
+        .route("/jobs/{id}/log/stream", get(logs::stream_log))
+        .route("/runners", get(runner::list))
+        .route("/runner/register", post(runner::register))
+        .route("/runner/acquire", post(runner::acquire))
+        .route("/runner/jobs/{id}/heartbeat", post(runner::heartbeat))
+        .route("/runner/jobs/{id}/log", put(runner::append_log))
+        .route("/runner/jobs/{id}/steps/{index}", post(runner::update_step))
+        .route("/runner/jobs/{id}/complete", post(runner::complete));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn(error::log_server_errors))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Ready when the database answers.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+        }
+    }
+}

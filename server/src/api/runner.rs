@@ -1,0 +1,138 @@
+//! The runner protocol: register, acquire (long poll), and the lease-fenced per-job calls.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use outpost_protocol::{
+    AcquireRequest, AcquireResponse, CompleteRequest, HeartbeatResponse, LogAppendResponse,
+    RegisterRequest, RegisterResponse, RunnerList, StepUpdate,
+};
+use serde::Deserialize;
+
+use super::extract::{Body, Caller, LeaseToken, RunnerCaller, bearer, parse_id};
+use super::{ApiError, ApiResult, AppState};
+use crate::queue;
+use crate::store::Scope;
+
+/// `GET /runners`.
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<RunnerList>> {
+    caller.require(Scope::Read)?;
+    Ok(Json(RunnerList {
+        runners: state.store.list_runners().await?,
+    }))
+}
+
+/// `POST /runner/register` with a registration token.
+#[tracing::instrument(skip_all, err(Debug))]
+pub async fn register(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
+    let token = bearer(&headers)?;
+    let pool = state.store.authenticate_registration(token).await?.ok_or_else(|| {
+        ApiError::unauthenticated(
+            "not a valid registration token: create one with `outpost-server registration-token create --pool NAME`",
+        )
+    })?;
+    let req: RegisterRequest = body.json_required()?;
+    if req.name.trim().is_empty() || req.name.len() > 200 {
+        return Err(ApiError::bad_request("a runner needs a name of 1 to 200 characters"));
+    }
+    if let Some(bad) = req
+        .labels
+        .iter()
+        .find(|l| l.is_empty() || l.len() > 100 || l.chars().any(|c| c.is_whitespace() || c == ','))
+    {
+        return Err(ApiError::bad_request(format!(
+            "label {bad:?} is not valid: labels are 1 to 100 characters without spaces or commas"
+        )));
+    }
+    let resp = state.store.register_runner(&pool, &req).await?;
+    tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, "runner registered");
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// `POST /runner/acquire`: holds the request until a matching job is queued or the wait ends.
+#[tracing::instrument(skip_all, fields(runner.id = %runner.0.id), err(Debug))]
+pub async fn acquire(State(state): State<AppState>, runner: RunnerCaller, body: Body) -> ApiResult<Response> {
+    let req: AcquireRequest = body.json(true)?;
+    let max = state.settings.queue.acquire_wait_secs;
+    let wait = Duration::from_secs(req.wait_secs.unwrap_or(max).min(max));
+    match queue::acquire(&state, &runner.0, wait).await? {
+        Some(claimed) => {
+            tracing::info!(job.id = %claimed.job.id, run.id = %claimed.job.run_id, "job assigned");
+            Ok(Json(AcquireResponse {
+                job: claimed.job,
+                lease: claimed.lease,
+            })
+            .into_response())
+        }
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+/// `POST /runner/jobs/{id}/heartbeat`.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    lease: LeaseToken,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let id = parse_id(&id, "job")?;
+    Ok(Json(
+        state
+            .store
+            .heartbeat(id, &lease.0, state.settings.queue.lease_secs)
+            .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct OffsetQuery {
+    offset: u64,
+}
+
+/// `PUT /runner/jobs/{id}/log?offset=N`: raw bytes; idempotent; `416` on a gap.
+pub async fn append_log(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    uri: Uri,
+    lease: LeaseToken,
+    body: Body,
+) -> ApiResult<Json<LogAppendResponse>> {
+    let id = parse_id(&id, "job")?;
+    let axum::extract::Query(q) = axum::extract::Query::<OffsetQuery>::try_from_uri(&uri)
+        .map_err(|_| ApiError::bad_request("the log append needs ?offset=N (a byte offset)"))?;
+    let next_offset = state.store.append_log(id, &lease.0, q.offset, &body.0).await?;
+    Ok(Json(LogAppendResponse { next_offset }))
+}
+
+/// `POST /runner/jobs/{id}/steps/{index}`.
+pub async fn update_step(
+    State(state): State<AppState>,
+    Path((id, index)): Path<(String, String)>,
+    lease: LeaseToken,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    let id = parse_id(&id, "job")?;
+    let index: u32 = index
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("step {index} not found")))?;
+    let update: StepUpdate = body.json_required()?;
+    state.store.update_step(id, &lease.0, index, &update).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /runner/jobs/{id}/complete`.
+#[tracing::instrument(skip_all, fields(job.id = %id), err(Debug))]
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    lease: LeaseToken,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    let id = parse_id(&id, "job")?;
+    let req: CompleteRequest = body.json_required()?;
+    let outcome = state.store.complete_job(id, &lease.0, &req).await?;
+    tracing::info!(run.id = %outcome.run_id, status = req.status.as_str(), exit_code = ?req.exit_code, "job completed");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,61 @@
+//! Outpost job server: HTTP API, job queue and leases, log store.
+//!
+//! Startup is [`run`], which binds nothing itself: `main` binds the configured address, tests
+//! bind `127.0.0.1:0`. [`api::router`] builds the whole HTTP surface for handler tests.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod api;
+pub mod dev;
+pub mod events;
+pub mod pipeline;
+pub mod queue;
+pub mod settings;
+pub mod store;
+
+pub use settings::Settings;
+pub use store::Store;
+
+/// Connects to the configured database and applies migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(
+        Store::connect(&settings.database_url(), settings.database.max_connections).await?,
+    ))
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    settings: Settings,
+    store: Arc<Store>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let state = api::AppState {
+        store: store.clone(),
+        settings: settings.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let listen = tokio::spawn(store.events.clone().listen(shutdown.clone()));
+    let reaper = tokio::spawn(queue::reaper(
+        store.clone(),
+        Duration::from_millis(settings.queue.reaper_interval_ms.max(10)),
+        shutdown.clone(),
+    ));
+    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("the HTTP server failed")?;
+    shutdown.cancel();
+    let _ = tokio::join!(listen, reaper);
+    store.close().await;
+    Ok(())
+}

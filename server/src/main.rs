@@ -1,0 +1,217 @@
+//! `outpost-server`: the job server and its admin commands.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_server::store::{Scope, TokenInfo};
+use outpost_server::{Settings, dev, open_store};
+use tokio_util::sync::CancellationToken;
+
+/// Outpost job server: queues deployment jobs for runners inside private networks.
+///
+/// Settings come from defaults, then the config file, then environment variables named
+/// OUTPOST__SECTION__KEY (for example OUTPOST__SERVER__LISTEN=127.0.0.1:9000 or
+/// OUTPOST__DATABASE__URL=postgres://postgres@127.0.0.1/outpost).
+#[derive(Debug, Parser)]
+#[command(name = "outpost-server", version, propagate_version = true)]
+struct Cli {
+    /// A TOML config file.
+    #[arg(long, global = true, env = "OUTPOST_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Run everything on this machine: SQLite under ./outpost-data, an embedded runner labelled
+    /// `local`, an admin token and the example pipeline `hello`.
+    Dev,
+    /// Manage API tokens (the secret is printed once, on stdout).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Manage registration tokens that runners register with.
+    RegistrationToken {
+        #[command(subcommand)]
+        action: RegistrationAction,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Create a token and print it.
+    Create {
+        /// A name to recognise it by (recorded as the actor of what it does).
+        #[arg(long)]
+        name: String,
+        /// What it may do: read, trigger (read + start/cancel runs) or admin.
+        #[arg(long, value_parser = ["read", "trigger", "admin"])]
+        scope: String,
+        /// Days until it expires; never, if not given.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke the tokens with this name or id.
+    Revoke {
+        /// The token's name or id.
+        name_or_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistrationAction {
+    /// Create a registration token for a pool of runners and print it.
+    Create {
+        /// The pool the runners that use it join.
+        #[arg(long)]
+        pool: String,
+        /// Days until it expires; never, if not given.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List registration tokens (never their secrets).
+    List,
+    /// Revoke a registration token by id, or all tokens of a pool.
+    Revoke {
+        /// The pool's name or the token's id.
+        pool_or_id: String,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn expiry(days: Option<u32>) -> Option<chrono::DateTime<chrono::Utc>> {
+    days.map(|d| chrono::Utc::now() + chrono::Duration::days(i64::from(d)))
+}
+
+fn print_tokens(tokens: &[TokenInfo]) {
+    println!("{:<36}  {:<20}  {:<8}  {:<25}  STATE", "ID", "NAME", "SCOPE", "CREATED");
+    for t in tokens {
+        let state = match (t.revoked_at, t.expires_at) {
+            (Some(_), _) => "revoked",
+            (None, Some(e)) if e <= chrono::Utc::now() => "expired",
+            _ => "active",
+        };
+        println!(
+            "{:<36}  {:<20}  {:<8}  {:<25}  {state}",
+            t.id,
+            t.name,
+            t.scope,
+            t.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&settings.server.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", settings.server.listen))?;
+    let store = open_store(&settings).await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            dev::wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        });
+    }
+    tracing::info!(%addr, database = %outpost_server::store::redact_url(&settings.database_url()), "outpost-server started");
+    // Exactly one line on stdout, so scripts and tests learn the bound address.
+    println!("outpost-server listening on http://{addr}");
+    outpost_server::run(settings, store, listener, shutdown).await
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => serve(settings).await,
+        Command::Dev => dev::run(settings).await,
+        Command::Migrate => {
+            open_store(&settings).await?;
+            eprintln!("the database is up to date");
+            Ok(())
+        }
+        Command::Token { action } => {
+            let store = open_store(&settings).await?;
+            match action {
+                TokenAction::Create {
+                    name,
+                    scope,
+                    expires_in_days,
+                } => {
+                    let scope = Scope::parse(&scope).context("unknown scope")?;
+                    let (_, token) = store
+                        .create_api_token(&name, scope, expiry(expires_in_days))
+                        .await?;
+                    println!("{token}");
+                }
+                TokenAction::List => print_tokens(&store.list_api_tokens().await?),
+                TokenAction::Revoke { name_or_id } => {
+                    let n = store.revoke_api_token(&name_or_id).await?;
+                    anyhow::ensure!(n > 0, "no active token is named {name_or_id} or has that id");
+                    eprintln!("revoked {n} token(s)");
+                }
+            }
+            Ok(())
+        }
+        Command::RegistrationToken { action } => {
+            let store = open_store(&settings).await?;
+            match action {
+                RegistrationAction::Create {
+                    pool,
+                    expires_in_days,
+                } => {
+                    let (_, token) = store
+                        .create_registration_token(&pool, expiry(expires_in_days))
+                        .await?;
+                    println!("{token}");
+                }
+                RegistrationAction::List => print_tokens(&store.list_registration_tokens().await?),
+                RegistrationAction::Revoke { pool_or_id } => {
+                    let n = store.revoke_registration_token(&pool_or_id).await?;
+                    anyhow::ensure!(
+                        n > 0,
+                        "no active registration token has the pool or id {pool_or_id}"
+                    );
+                    eprintln!("revoked {n} registration token(s)");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match real_main(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

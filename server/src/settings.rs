@@ -1,0 +1,169 @@
+//! Server settings: defaults, then the config file, then `OUTPOST__SECTION__KEY` environment variables.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Everything the server can be told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Where the server keeps its files (the SQLite database by default). Default `./outpost-data`.
+    pub data_dir: PathBuf,
+    /// The database.
+    pub database: DatabaseSettings,
+    /// The HTTP listener.
+    pub server: ServerSettings,
+    /// Job queue and leases.
+    pub queue: QueueSettings,
+}
+
+/// Database settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH` or `postgres://USER@HOST/DB`; default `sqlite://<data_dir>/outpost.db`.
+    pub url: Option<String>,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerSettings {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// The URL people and runners use to reach this server (for links and messages).
+    pub public_url: Option<String>,
+    /// Largest request body accepted, in bytes; larger ones answer `413`. Default 10 MiB.
+    pub max_body_bytes: usize,
+    /// How long shutdown waits for open requests, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+/// Job queue settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QueueSettings {
+    /// Length of a job lease in seconds; a runner heartbeats well inside it. Default 60.
+    pub lease_secs: u64,
+    /// Longest time an acquire long poll is held, in seconds. Default 30.
+    pub acquire_wait_secs: u64,
+    /// How often expired leases are looked for, in milliseconds. Default 1000.
+    pub reaper_interval_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./outpost-data"),
+            database: DatabaseSettings::default(),
+            server: ServerSettings::default(),
+            queue: QueueSettings::default(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 16,
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            max_body_bytes: 10 * 1024 * 1024,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            lease_secs: 60,
+            acquire_wait_secs: 30,
+            reaper_interval_ms: 1000,
+        }
+    }
+}
+
+/// `OUTPOST__SECTION__KEY` variables; `OUTPOST__DATA_DIR` sets `data_dir`.
+fn environment() -> config::Environment {
+    config::Environment::with_prefix("OUTPOST")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if given), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder()
+            .add_source(config::Config::try_from(&Settings::default())?);
+        if let Some(file) = file {
+            anyhow::ensure!(
+                file.exists(),
+                "the config file {} does not exist",
+                file.display()
+            );
+            builder = builder.add_source(config::File::from(file));
+        }
+        builder = builder.add_source(environment());
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .context("invalid configuration")?;
+        anyhow::ensure!(settings.queue.lease_secs >= 1, "queue.lease_secs must be at least 1");
+        anyhow::ensure!(
+            settings.queue.acquire_wait_secs >= 1,
+            "queue.acquire_wait_secs must be at least 1"
+        );
+        Ok(settings)
+    }
+
+    /// The database URL, defaulting to SQLite under the data dir.
+    pub fn database_url(&self) -> String {
+        match &self.database.url {
+            Some(url) if !url.is_empty() => url.clone(),
+            _ => format!("sqlite://{}", self.data_dir.join("outpost.db").display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_defaults() {
+        // A custom source map instead of the process environment, so tests do not race on it.
+        let env: std::collections::HashMap<String, String> = [
+            ("OUTPOST__SERVER__LISTEN", "127.0.0.1:9000"),
+            ("OUTPOST__QUEUE__LEASE_SECS", "5"),
+            ("OUTPOST__DATABASE__URL", "postgres://postgres@127.0.0.1/x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let settings: Settings = config::Config::builder()
+            .add_source(config::Config::try_from(&Settings::default()).unwrap())
+            .add_source(environment().source(Some(env)))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(settings.server.listen, "127.0.0.1:9000");
+        assert_eq!(settings.queue.lease_secs, 5);
+        assert_eq!(settings.database_url(), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(Settings::default().database_url(), "sqlite://./outpost-data/outpost.db");
+    }
+}

@@ -1,0 +1,384 @@
+//! Jobs under leases: claiming, heartbeats, step reports, completion and the reaper.
+//!
+//! Every per-job write is a conditional `UPDATE … WHERE status = 'running' AND lease_token_hash = $h
+//! AND lease_expires_at > now`: a runner whose lease is no longer current changes nothing (fencing).
+
+use chrono::Utc;
+use outpost_protocol::{
+    AssignedJob, CompleteRequest, HeartbeatResponse, Job, JobStatus, Lease, StepStatus, StepUpdate,
+};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::runs::{JOB_COLS, JobRow, STEP_COLS, StepRow, advance_run, attach_steps};
+use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token};
+
+/// A job claimed for a runner.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// What the runner needs.
+    pub job: AssignedJob,
+    /// The fresh lease.
+    pub lease: Lease,
+}
+
+/// What completing a job led to.
+#[derive(Debug, Clone)]
+pub struct CompleteOutcome {
+    /// The job's run.
+    pub run_id: Uuid,
+}
+
+const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'running', runner_id = $1, lease_token_hash = $2, \
+     lease_expires_at = $3, heartbeat_seen = FALSE, attempt = attempt + 1, started_at = $4, cancel_requested = FALSE \
+     WHERE status = 'queued' AND id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' \
+       AND NOT EXISTS (SELECT 1 FROM json_each(j.runs_on) r WHERE r.value NOT IN (SELECT value FROM json_each($5))) \
+       ORDER BY j.queued_at, j.id LIMIT 1) \
+     RETURNING id, run_id, spec";
+
+const CLAIM_POSTGRES: &str = "UPDATE jobs SET status = 'running', runner_id = $1, lease_token_hash = $2, \
+     lease_expires_at = $3, heartbeat_seen = FALSE, attempt = attempt + 1, started_at = $4, cancel_requested = FALSE \
+     WHERE status = 'queued' AND id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
+       ORDER BY j.queued_at, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+     RETURNING id, run_id, spec";
+
+/// Step statuses a finished job leaves behind for steps the runner never reported as ended.
+fn leftover_step_status(job: JobStatus) -> StepStatus {
+    match job {
+        JobStatus::Cancelled => StepStatus::Cancelled,
+        JobStatus::TimedOut => StepStatus::TimedOut,
+        _ => StepStatus::Failed,
+    }
+}
+
+impl Store {
+    /// Claims the oldest queued job whose labels the runner carries, under a fresh lease.
+    pub async fn claim_job(
+        &self,
+        runner_id: Uuid,
+        labels: &[String],
+        lease_secs: u64,
+    ) -> StoreResult<Option<Claimed>> {
+        let now = Utc::now();
+        let token = new_token("opl_");
+        let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
+        let sql = if self.is_postgres() { CLAIM_POSTGRES } else { CLAIM_SQLITE };
+        let _w = self.write_guard().await;
+        let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(sql)
+                .bind(runner_id)
+                .bind(hash_token(&token))
+                .bind(expires_at)
+                .bind(now)
+                .bind(Json(labels))
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some((_, run_id, _)) = &row {
+                sqlx::query(
+                    "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1 AND status = 'queued'",
+                )
+                .bind(*run_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            row
+        });
+        Ok(row.map(|(_, _, spec)| Claimed {
+            job: spec.0,
+            lease: Lease {
+                token,
+                expires_at,
+                duration_secs: lease_secs,
+            },
+        }))
+    }
+
+    /// Tells apart "no such job" from "your lease is not current" after a fenced update matched nothing.
+    async fn lease_failure(&self, job_id: Uuid) -> StoreError {
+        let exists: Result<Option<(Uuid,)>, sqlx::Error> = dispatch!(self, pool => {
+            sqlx::query_as("SELECT id FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(pool)
+                .await
+        });
+        match exists {
+            Ok(Some(_)) => StoreError::LeaseLost,
+            Ok(None) => StoreError::NotFound(format!("job {job_id}")),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Renews a lease; answers whether cancellation was requested.
+    pub async fn heartbeat(
+        &self,
+        job_id: Uuid,
+        lease_token: &str,
+        lease_secs: u64,
+    ) -> StoreResult<HeartbeatResponse> {
+        let now = Utc::now();
+        let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
+        let _w = self.write_guard().await;
+        let row: Option<(bool,)> = dispatch!(self, pool => {
+            sqlx::query_as(
+                "UPDATE jobs SET lease_expires_at = $3, heartbeat_seen = TRUE \
+                 WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $4 \
+                 RETURNING cancel_requested",
+            )
+            .bind(job_id)
+            .bind(hash_token(lease_token))
+            .bind(expires_at)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?
+        });
+        drop(_w);
+        match row {
+            Some((cancel_requested,)) => Ok(HeartbeatResponse {
+                expires_at,
+                cancel_requested,
+            }),
+            None => Err(self.lease_failure(job_id).await),
+        }
+    }
+
+    /// Records a step's status change reported by the runner holding the lease.
+    pub async fn update_step(
+        &self,
+        job_id: Uuid,
+        lease_token: &str,
+        index: u32,
+        update: &StepUpdate,
+    ) -> StoreResult<()> {
+        let now = Utc::now();
+        let offset = i64::try_from(update.log_offset)
+            .map_err(|_| StoreError::Invalid("log_offset is too large".into()))?;
+        let _w = self.write_guard().await;
+        let outcome: Result<bool, StoreError> = dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let held: Option<(Uuid,)> = sqlx::query_as(
+                "UPDATE jobs SET heartbeat_seen = TRUE \
+                 WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 RETURNING id",
+            )
+            .bind(job_id)
+            .bind(hash_token(lease_token))
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if held.is_none() {
+                Ok(false)
+            } else {
+                let n = if update.status == StepStatus::Running {
+                    sqlx::query(
+                        "UPDATE steps SET status = 'running', started_at = $3, log_start = $4 WHERE job_id = $1 AND idx = $2",
+                    )
+                    .bind(job_id)
+                    .bind(index as i32)
+                    .bind(now)
+                    .bind(offset)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                } else {
+                    sqlx::query(
+                        "UPDATE steps SET status = $3, exit_code = $4, finished_at = $5, log_end = $6, \
+                         log_start = COALESCE(log_start, $6), started_at = COALESCE(started_at, $5) \
+                         WHERE job_id = $1 AND idx = $2",
+                    )
+                    .bind(job_id)
+                    .bind(index as i32)
+                    .bind(update.status.as_str())
+                    .bind(update.exit_code)
+                    .bind(now)
+                    .bind(offset)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                };
+                if n == 0 {
+                    Err(StoreError::NotFound(format!("step {index} of job {job_id}")))
+                } else {
+                    tx.commit().await?;
+                    Ok(true)
+                }
+            }
+        });
+        drop(_w);
+        match outcome? {
+            true => {
+                self.events.publish_log(job_id).await;
+                Ok(())
+            }
+            false => Err(self.lease_failure(job_id).await),
+        }
+    }
+
+    /// Ends a job with the runner's final status and moves its run forward.
+    ///
+    /// Repeating the same completion with the same lease is acknowledged, so a runner whose
+    /// answer was lost can safely retry.
+    pub async fn complete_job(
+        &self,
+        job_id: Uuid,
+        lease_token: &str,
+        req: &CompleteRequest,
+    ) -> StoreResult<CompleteOutcome> {
+        if !matches!(
+            req.status,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled | JobStatus::TimedOut
+        ) {
+            return Err(StoreError::Invalid(format!(
+                "a runner can complete a job only as succeeded, failed, cancelled or timed_out, not {}",
+                req.status.as_str()
+            )));
+        }
+        let now = Utc::now();
+        let hash = hash_token(lease_token);
+        let _w = self.write_guard().await;
+        let done: Option<(Uuid, bool)> = dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let row: Option<(Uuid,)> = sqlx::query_as(
+                "UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
+                 WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 RETURNING run_id",
+            )
+            .bind(job_id)
+            .bind(&hash)
+            .bind(req.status.as_str())
+            .bind(req.exit_code)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                Some((run_id,)) => {
+                    sqlx::query(
+                        "UPDATE steps SET status = CASE WHEN status = 'running' THEN $2 ELSE 'skipped' END, \
+                         finished_at = COALESCE(finished_at, $3) WHERE job_id = $1 AND status IN ('pending', 'running')",
+                    )
+                    .bind(job_id)
+                    .bind(leftover_step_status(req.status).as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    let queued = advance_run!(tx, run_id, now)?;
+                    tx.commit().await?;
+                    Some((run_id, queued))
+                }
+                None => None,
+            }
+        });
+        drop(_w);
+        match done {
+            Some((run_id, queued)) => {
+                if queued {
+                    self.events.publish_jobs().await;
+                }
+                self.events.publish_log(job_id).await;
+                Ok(CompleteOutcome { run_id })
+            }
+            None => {
+                // An identical retry by the lease holder is fine; anything else is fenced out.
+                let row: Option<(String, Option<String>, Uuid)> = dispatch!(self, pool => {
+                    sqlx::query_as("SELECT status, lease_token_hash, run_id FROM jobs WHERE id = $1")
+                        .bind(job_id)
+                        .fetch_optional(pool)
+                        .await?
+                });
+                match row {
+                    None => Err(StoreError::NotFound(format!("job {job_id}"))),
+                    Some((status, Some(h), run_id)) if h == hash && status == req.status.as_str() => {
+                        Ok(CompleteOutcome { run_id })
+                    }
+                    Some(_) => Err(StoreError::LeaseLost),
+                }
+            }
+        }
+    }
+
+    /// Ends expired leases: a job whose runner never confirmed it (no heartbeat, log or step
+    /// report) goes back to the queue; any other ends `lost` and is never re-run automatically.
+    /// Returns how many jobs were requeued and how many were lost. Safe to run on every replica.
+    pub async fn reap_expired(&self) -> StoreResult<(usize, usize)> {
+        let now = Utc::now();
+        let _w = self.write_guard().await;
+        let (requeued, lost): (Vec<(Uuid,)>, Vec<(Uuid, Uuid)>) = dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let requeued: Vec<(Uuid,)> = sqlx::query_as(
+                "UPDATE jobs SET status = 'queued', runner_id = NULL, lease_token_hash = NULL, lease_expires_at = NULL \
+                 WHERE status = 'running' AND lease_expires_at <= $1 AND heartbeat_seen = FALSE RETURNING id",
+            )
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            let lost: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "UPDATE jobs SET status = 'lost', finished_at = $1 \
+                 WHERE status = 'running' AND lease_expires_at <= $1 RETURNING id, run_id",
+            )
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut runs: Vec<Uuid> = lost.iter().map(|(_, r)| *r).collect();
+            runs.sort();
+            runs.dedup();
+            for (job_id, _) in &lost {
+                sqlx::query(
+                    "UPDATE steps SET status = CASE WHEN status = 'running' THEN 'failed' ELSE 'skipped' END, \
+                     finished_at = COALESCE(finished_at, $2) WHERE job_id = $1 AND status IN ('pending', 'running')",
+                )
+                .bind(*job_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for run_id in runs {
+                advance_run!(tx, run_id, now)?;
+            }
+            tx.commit().await?;
+            (requeued, lost)
+        });
+        drop(_w);
+        if !requeued.is_empty() {
+            tracing::warn!(count = requeued.len(), "requeued jobs whose runner never confirmed them");
+            self.events.publish_jobs().await;
+        }
+        for (job_id, run_id) in &lost {
+            tracing::warn!(job.id = %job_id, run.id = %run_id, "lease expired: job lost");
+            self.events.publish_log(*job_id).await;
+        }
+        Ok((requeued.len(), lost.len()))
+    }
+
+    /// A job with its steps.
+    pub async fn get_job(&self, id: Uuid) -> StoreResult<Job> {
+        let (job, steps): (Option<JobRow>, Vec<StepRow>) = dispatch!(self, pool => {
+            let job = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1")))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            let steps = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {STEP_COLS} FROM steps WHERE job_id = $1 ORDER BY idx"
+            )))
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+            (job, steps)
+        });
+        let job = job.ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+        Ok(attach_steps(vec![job], steps)?.remove(0))
+    }
+
+    /// The job's status and stored log size, for log readers.
+    pub async fn job_log_state(&self, id: Uuid) -> StoreResult<(JobStatus, u64)> {
+        let row: Option<(String, i64)> = dispatch!(self, pool => {
+            sqlx::query_as("SELECT status, log_size FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
+        let (status, size) = row.ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+        let status = JobStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("job status {status}")))?;
+        Ok((status, size.max(0) as u64))
+    }
+}

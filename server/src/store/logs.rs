@@ -1,0 +1,116 @@
+//! The job log: appended byte ranges, the same for both backends so any replica serves any log.
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::{Store, StoreError, StoreResult, dispatch, hash_token};
+
+/// One stored range of a job's log.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LogChunk {
+    /// Offset of the first byte.
+    pub start_offset: i64,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+impl Store {
+    /// Appends `data` at `offset` for the lease holder; returns where the log now ends.
+    ///
+    /// Idempotent: bytes already stored are acknowledged without being stored again, and the
+    /// part of a batch beyond the stored end is kept. A batch starting beyond the end is a gap.
+    pub async fn append_log(
+        &self,
+        job_id: Uuid,
+        lease_token: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> StoreResult<u64> {
+        let now = Utc::now();
+        let _w = self.write_guard().await;
+        // The fenced UPDATE also locks the job row (PostgreSQL) for the rest of the transaction,
+        // so appends to one job are serialised even across replicas.
+        let result: Result<Option<u64>, StoreError> = dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let held: Option<(i64,)> = sqlx::query_as(
+                "UPDATE jobs SET heartbeat_seen = TRUE \
+                 WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 \
+                 RETURNING log_size",
+            )
+            .bind(job_id)
+            .bind(hash_token(lease_token))
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match held {
+                None => Ok(None),
+                Some((size,)) => {
+                    let size = size.max(0) as u64;
+                    let end = offset + data.len() as u64;
+                    if offset > size {
+                        Err(StoreError::Gap { next_offset: size })
+                    } else if end <= size {
+                        tx.commit().await?;
+                        Ok(Some(size))
+                    } else {
+                        let fresh = &data[(size - offset) as usize..];
+                        sqlx::query(
+                            "INSERT INTO log_chunks (job_id, start_offset, end_offset, data) VALUES ($1, $2, $3, $4)",
+                        )
+                        .bind(job_id)
+                        .bind(size as i64)
+                        .bind(end as i64)
+                        .bind(fresh)
+                        .execute(&mut *tx)
+                        .await?;
+                        sqlx::query("UPDATE jobs SET log_size = $2 WHERE id = $1")
+                            .bind(job_id)
+                            .bind(end as i64)
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await?;
+                        Ok(Some(end))
+                    }
+                }
+            }
+        });
+        drop(_w);
+        match result? {
+            Some(next) => {
+                if next > offset || data.is_empty() {
+                    self.events.publish_log(job_id).await;
+                }
+                Ok(next)
+            }
+            None => Err(self.lease_failure_for_log(job_id).await),
+        }
+    }
+
+    async fn lease_failure_for_log(&self, job_id: Uuid) -> StoreError {
+        match self.job_log_state(job_id).await {
+            Ok(_) => StoreError::LeaseLost,
+            Err(e) => e,
+        }
+    }
+
+    /// Up to `max_chunks` stored ranges that end after `from`, in order.
+    pub async fn read_log(
+        &self,
+        job_id: Uuid,
+        from: u64,
+        max_chunks: u32,
+    ) -> StoreResult<Vec<LogChunk>> {
+        let rows: Vec<LogChunk> = dispatch!(self, pool => {
+            sqlx::query_as(
+                "SELECT start_offset, data FROM log_chunks WHERE job_id = $1 AND end_offset > $2 \
+                 ORDER BY start_offset LIMIT $3",
+            )
+            .bind(job_id)
+            .bind(from as i64)
+            .bind(i64::from(max_chunks))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+}

@@ -1,0 +1,247 @@
+//! The one storage abstraction with two backends: SQLite (embedded default) and PostgreSQL.
+//!
+//! SQL text is shared where the dialects agree (`$1` placeholders, `RETURNING`, `ON CONFLICT`);
+//! only claiming and locking differ. Each query body is written once and expanded for both
+//! pool types by the `dispatch!` macro.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::events::Events;
+
+mod auth;
+mod jobs;
+mod logs;
+mod pipelines;
+pub mod runners;
+pub(crate) mod runs;
+
+pub use auth::{ApiPrincipal, Scope, TokenInfo};
+pub use jobs::{Claimed, CompleteOutcome};
+pub use logs::LogChunk;
+pub use runs::NewRun;
+
+/// What a store call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named object does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with the object's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The lease presented is no longer the job's current lease.
+    #[error("the lease on this job is no longer current")]
+    LeaseLost,
+    /// A log append would leave a gap; the log ends at `next_offset`.
+    #[error("the log ends at byte {next_offset}; resend from there")]
+    Gap {
+        /// Where the stored log ends.
+        next_offset: u64,
+    },
+    /// The input is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The database failed.
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+    /// Stored data could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Result of store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The backend pool.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// Embedded SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever backend pool the store has.
+///
+/// The body is expanded once per backend, so the same SQL text and binds serve both.
+macro_rules! dispatch {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.db {
+            $crate::store::Db::Sqlite($pool) => $body,
+            $crate::store::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use dispatch;
+
+/// The store: a pool and, for SQLite, the single-writer lock.
+#[derive(Debug)]
+pub struct Store {
+    pub(crate) db: Db,
+    /// SQLite allows one writer at a time; serialising writers here avoids `SQLITE_BUSY`
+    /// on lock upgrades inside transactions. PostgreSQL needs no such lock.
+    write_lock: Option<Mutex<()>>,
+    /// Wake-ups for long polls and live logs.
+    pub events: Arc<Events>,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://…` or `postgres://…`) and applies the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .with_context(|| format!("invalid SQLite database url {url}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(30));
+            if let Some(parent) = Path::new(opts.get_filename()).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).with_context(|| {
+                    format!("could not create the data directory {}", parent.display())
+                })?;
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(opts)
+                .await
+                .with_context(|| format!("could not open the SQLite database at {url}"))?;
+            sqlx::migrate!("../migrations/sqlite")
+                .run(&pool)
+                .await
+                .context("could not migrate the SQLite database")?;
+            Ok(Self {
+                db: Db::Sqlite(pool),
+                write_lock: Some(Mutex::new(())),
+                events: Arc::new(Events::new(None)),
+            })
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url)
+                .with_context(|| format!("invalid PostgreSQL database url {}", redact_url(url)))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .with_context(|| {
+                    format!("could not connect to PostgreSQL at {}", redact_url(url))
+                })?;
+            sqlx::migrate!("../migrations/postgres")
+                .run(&pool)
+                .await
+                .context("could not migrate the PostgreSQL database")?;
+            Ok(Self {
+                events: Arc::new(Events::new(Some(pool.clone()))),
+                db: Db::Postgres(pool),
+                write_lock: None,
+            })
+        } else {
+            anyhow::bail!(
+                "unsupported database url {}: use sqlite://PATH or postgres://USER@HOST/DB",
+                redact_url(url)
+            )
+        }
+    }
+
+    /// The backend pool, for the PostgreSQL listener.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Whether this is the PostgreSQL backend.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    /// Takes the SQLite writer lock (a no-op on PostgreSQL).
+    pub(crate) async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(m) => Some(m.lock().await),
+            None => None,
+        }
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        dispatch!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        dispatch!(self, pool => pool.close().await)
+    }
+}
+
+/// Hides the password in a database URL so it can be printed.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// SHA-256 of a token, hex-encoded: the only form in which tokens are stored.
+pub fn hash_token(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh random token with a recognisable prefix (`opa_` API, `opr_` registration, `opn_` runner, `opl_` lease).
+pub fn new_token(prefix: &str) -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn tokens_are_random_and_prefixed() {
+        let a = new_token("opa_");
+        let b = new_token("opa_");
+        assert!(a.starts_with("opa_"));
+        assert_ne!(a, b);
+        assert_eq!(hash_token(&a).len(), 64);
+        assert_ne!(hash_token(&a), hash_token(&b));
+    }
+}

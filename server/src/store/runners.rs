@@ -1,0 +1,132 @@
+//! Runners: registration, authentication by runner token, and their derived state.
+
+use chrono::{DateTime, Utc};
+use outpost_protocol::{RegisterRequest, RegisterResponse, Runner, RunnerState};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{Store, StoreResult, dispatch, hash_token, new_token};
+
+/// The runner behind a valid runner token.
+#[derive(Debug, Clone)]
+pub struct RunnerPrincipal {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: Vec<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunnerRow {
+    id: Uuid,
+    name: String,
+    labels: Json<Vec<String>>,
+    pool: String,
+    version: String,
+    os: String,
+    arch: String,
+    draining: bool,
+    created_at: DateTime<Utc>,
+    last_seen_at: Option<DateTime<Utc>>,
+    current_job: Option<Uuid>,
+}
+
+/// A runner not seen for this long is shown offline (a long poll renews it at least every ~30 s).
+const OFFLINE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(90);
+
+impl Store {
+    /// Registers a runner in `pool`; returns its id and fresh token (stored only as a hash).
+    pub async fn register_runner(
+        &self,
+        pool_name: &str,
+        req: &RegisterRequest,
+    ) -> StoreResult<RegisterResponse> {
+        let id = Uuid::now_v7();
+        let token = new_token("opn_");
+        let now = Utc::now();
+        let _w = self.write_guard().await;
+        dispatch!(self, pool => {
+            sqlx::query(
+                "INSERT INTO runners (id, name, labels, pool, version, os, arch, token_hash, created_at, last_seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+            )
+            .bind(id)
+            .bind(&req.name)
+            .bind(Json(&req.labels))
+            .bind(pool_name)
+            .bind(&req.version)
+            .bind(&req.os)
+            .bind(&req.arch)
+            .bind(hash_token(&token))
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(RegisterResponse {
+            runner_id: id,
+            runner_token: token,
+        })
+    }
+
+    /// The runner behind a runner token; also records that it was seen.
+    pub async fn authenticate_runner(&self, token: &str) -> StoreResult<Option<RunnerPrincipal>> {
+        let _w = self.write_guard().await;
+        let row: Option<(Uuid, String, Json<Vec<String>>)> = dispatch!(self, pool => {
+            sqlx::query_as(
+                "UPDATE runners SET last_seen_at = $2 WHERE token_hash = $1 RETURNING id, name, labels",
+            )
+            .bind(hash_token(token))
+            .bind(Utc::now())
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.map(|(id, name, labels)| RunnerPrincipal {
+            id,
+            name,
+            labels: labels.0,
+        }))
+    }
+
+    /// All runners by name, with their derived state.
+    pub async fn list_runners(&self) -> StoreResult<Vec<Runner>> {
+        let rows: Vec<RunnerRow> = dispatch!(self, pool => {
+            sqlx::query_as(
+                "SELECT r.id, r.name, r.labels, r.pool, r.version, r.os, r.arch, r.draining, r.created_at, r.last_seen_at, \
+                 (SELECT j.id FROM jobs j WHERE j.runner_id = r.id AND j.status = 'running' LIMIT 1) AS current_job \
+                 FROM runners r ORDER BY r.name, r.id",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        let now = Utc::now();
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let state = if r.current_job.is_some() {
+                    if r.draining { RunnerState::Draining } else { RunnerState::Busy }
+                } else if r.last_seen_at.is_none_or(|t| now - t > OFFLINE_AFTER) {
+                    RunnerState::Offline
+                } else if r.draining {
+                    RunnerState::Draining
+                } else {
+                    RunnerState::Idle
+                };
+                Runner {
+                    id: r.id,
+                    name: r.name,
+                    labels: r.labels.0,
+                    pool: r.pool,
+                    version: r.version,
+                    os: r.os,
+                    arch: r.arch,
+                    state,
+                    current_job: r.current_job,
+                    last_seen_at: r.last_seen_at,
+                    created_at: r.created_at,
+                }
+            })
+            .collect())
+    }
+}

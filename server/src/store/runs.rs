@@ -1,0 +1,559 @@
+//! Runs and the job graph: creating a run's jobs, moving the DAG forward, cancelling.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use outpost_protocol::{
+    AssignedJob, Job, JobStatus, Run, RunList, RunStatus, Step, StepStatus, TriggerInfo,
+};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{Store, StoreError, StoreResult, dispatch};
+use crate::pipeline::PipelineDef;
+
+/// What a new run starts from.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// What started it.
+    pub trigger: TriggerInfo,
+    /// Variables that override the pipeline's.
+    pub variables: BTreeMap<String, String>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RunRow {
+    id: Uuid,
+    pipeline: String,
+    number: i64,
+    status: String,
+    trigger: Json<TriggerInfo>,
+    variables: Json<BTreeMap<String, String>>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl RunRow {
+    fn into_api(self, jobs: Vec<Job>) -> StoreResult<Run> {
+        Ok(Run {
+            id: self.id,
+            pipeline: self.pipeline,
+            number: self.number,
+            status: RunStatus::parse(&self.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("run status {}", self.status)))?,
+            trigger: self.trigger.0,
+            variables: self.variables.0,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            jobs,
+        })
+    }
+}
+
+pub(crate) const RUN_COLS: &str =
+    "id, pipeline, number, status, trigger, variables, created_at, started_at, finished_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    pub(crate) id: Uuid,
+    pub(crate) run_id: Uuid,
+    pipeline: String,
+    name: String,
+    status: String,
+    runs_on: Json<Vec<String>>,
+    needs: Json<Vec<String>>,
+    cluster: Option<String>,
+    environment: Option<String>,
+    timeout_secs: i64,
+    runner_id: Option<Uuid>,
+    attempt: i64,
+    cancel_requested: bool,
+    exit_code: Option<i32>,
+    log_size: i64,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) const JOB_COLS: &str = "id, run_id, pipeline, name, status, runs_on, needs, cluster, environment, \
+     timeout_secs, runner_id, attempt, cancel_requested, exit_code, log_size, created_at, started_at, finished_at";
+
+impl JobRow {
+    pub(crate) fn into_api(self, steps: Vec<Step>) -> StoreResult<Job> {
+        Ok(Job {
+            id: self.id,
+            run_id: self.run_id,
+            pipeline: self.pipeline,
+            name: self.name,
+            status: JobStatus::parse(&self.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("job status {}", self.status)))?,
+            runs_on: self.runs_on.0,
+            needs: self.needs.0,
+            cluster: self.cluster,
+            environment: self.environment,
+            timeout_secs: self.timeout_secs.max(0) as u64,
+            runner_id: self.runner_id,
+            attempt: self.attempt,
+            cancel_requested: self.cancel_requested,
+            exit_code: self.exit_code,
+            log_size: self.log_size.max(0) as u64,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            steps,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct StepRow {
+    pub(crate) job_id: Uuid,
+    idx: i32,
+    name: String,
+    kind: String,
+    status: String,
+    exit_code: Option<i32>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    log_start: Option<i64>,
+    log_end: Option<i64>,
+}
+
+pub(crate) const STEP_COLS: &str =
+    "job_id, idx, name, kind, status, exit_code, started_at, finished_at, log_start, log_end";
+
+impl StepRow {
+    pub(crate) fn into_api(self) -> StoreResult<Step> {
+        Ok(Step {
+            index: self.idx.max(0) as u32,
+            name: self.name,
+            kind: self.kind,
+            status: StepStatus::parse(&self.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("step status {}", self.status)))?,
+            exit_code: self.exit_code,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            log_start: self.log_start.map(|v| v.max(0) as u64),
+            log_end: self.log_end.map(|v| v.max(0) as u64),
+        })
+    }
+}
+
+/// Groups step rows under their jobs.
+pub(crate) fn attach_steps(jobs: Vec<JobRow>, steps: Vec<StepRow>) -> StoreResult<Vec<Job>> {
+    let mut by_job: HashMap<Uuid, Vec<Step>> = HashMap::new();
+    for s in steps {
+        let job_id = s.job_id;
+        by_job.entry(job_id).or_default().push(s.into_api()?);
+    }
+    jobs.into_iter()
+        .map(|j| {
+            let steps = by_job.remove(&j.id).unwrap_or_default();
+            j.into_api(steps)
+        })
+        .collect()
+}
+
+/// The status changes that follow from the jobs' current statuses.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Advance {
+    /// Jobs whose status changes: pending jobs become queued or skipped.
+    pub(crate) jobs: Vec<(Uuid, JobStatus)>,
+    /// The run's status afterwards.
+    pub(crate) run_status: Option<RunStatus>,
+}
+
+/// Works out which pending jobs are now ready or must be skipped, and the run's status.
+///
+/// A job is queued when every job it needs succeeded and skipped when one of them ended in any
+/// other way; skips cascade. The run is queued until a job starts, running until every job has
+/// ended, then the worst outcome: failed (including timed out and lost) beats cancelled beats
+/// succeeded.
+pub(crate) fn plan_advance(jobs: &[(Uuid, String, JobStatus, Vec<String>)]) -> Advance {
+    let mut status: HashMap<&str, JobStatus> =
+        jobs.iter().map(|(_, n, s, _)| (n.as_str(), *s)).collect();
+    let mut changes = Vec::new();
+    loop {
+        let mut changed = false;
+        for (id, name, _, needs) in jobs {
+            if status[name.as_str()] != JobStatus::Pending {
+                continue;
+            }
+            let mut all_ok = true;
+            let mut any_bad = false;
+            for need in needs {
+                match status.get(need.as_str()) {
+                    Some(JobStatus::Succeeded) => {}
+                    Some(s) if s.is_final() => any_bad = true,
+                    _ => all_ok = false,
+                }
+            }
+            let next = if any_bad {
+                JobStatus::Skipped
+            } else if all_ok {
+                JobStatus::Queued
+            } else {
+                continue;
+            };
+            status.insert(name.as_str(), next);
+            changes.push((*id, next));
+            changed = true;
+        }
+        if !changed {
+            break;
+        }
+    }
+    let all_final = status.values().all(|s| s.is_final());
+    let run_status = if all_final {
+        let mut worst = RunStatus::Succeeded;
+        for s in status.values() {
+            match s {
+                JobStatus::Failed | JobStatus::TimedOut | JobStatus::Lost => {
+                    worst = RunStatus::Failed
+                }
+                JobStatus::Cancelled if worst != RunStatus::Failed => worst = RunStatus::Cancelled,
+                _ => {}
+            }
+        }
+        worst
+    } else if status
+        .values()
+        .any(|s| *s == JobStatus::Running || s.is_final())
+    {
+        RunStatus::Running
+    } else {
+        RunStatus::Queued
+    };
+    Advance {
+        jobs: changes,
+        run_status: Some(run_status),
+    }
+}
+
+/// Moves a run's job graph forward inside an open transaction `$tx`; evaluates to
+/// `StoreResult<bool>`: whether any job became queued.
+macro_rules! advance_run {
+    ($tx:expr, $run_id:expr, $now:expr) => {{
+        let run_id: ::uuid::Uuid = $run_id;
+        let now: ::chrono::DateTime<::chrono::Utc> = $now;
+        let rows: Vec<(::uuid::Uuid, String, String, ::sqlx::types::Json<Vec<String>>)> =
+            ::sqlx::query_as("SELECT id, name, status, needs FROM jobs WHERE run_id = $1 ORDER BY position")
+                .bind(run_id)
+                .fetch_all(&mut *$tx)
+                .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for (id, name, status, needs) in rows {
+            let status = ::outpost_protocol::JobStatus::parse(&status).ok_or_else(|| {
+                $crate::store::StoreError::Corrupt(format!("job status {status}"))
+            })?;
+            jobs.push((id, name, status, needs.0));
+        }
+        let plan = $crate::store::runs::plan_advance(&jobs);
+        let mut queued_any = false;
+        for (id, status) in &plan.jobs {
+            let queued = *status == ::outpost_protocol::JobStatus::Queued;
+            queued_any |= queued;
+            ::sqlx::query("UPDATE jobs SET status = $2, queued_at = $3, finished_at = $4 WHERE id = $1")
+                .bind(*id)
+                .bind(status.as_str())
+                .bind(if queued { Some(now) } else { None })
+                .bind(if queued { None } else { Some(now) })
+                .execute(&mut *$tx)
+                .await?;
+            if !queued {
+                ::sqlx::query("UPDATE steps SET status = 'skipped' WHERE job_id = $1 AND status = 'pending'")
+                    .bind(*id)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+        }
+        if let Some(rs) = plan.run_status {
+            ::sqlx::query(
+                "UPDATE runs SET status = $2, started_at = CASE WHEN $2 = 'queued' THEN started_at ELSE COALESCE(started_at, $3) END, \
+                 finished_at = $4 WHERE id = $1",
+            )
+            .bind(run_id)
+            .bind(rs.as_str())
+            .bind(now)
+            .bind(if rs.is_final() { Some(now) } else { None })
+            .execute(&mut *$tx)
+            .await?;
+        }
+        Ok::<bool, $crate::store::StoreError>(queued_any)
+    }};
+}
+pub(crate) use advance_run;
+
+impl Store {
+    /// Creates a run with its jobs and steps from a pipeline definition; jobs without needs are queued.
+    pub async fn create_run(&self, new: NewRun, def: &PipelineDef) -> StoreResult<Run> {
+        let now = Utc::now();
+        let run_id = Uuid::now_v7();
+        let mut variables = def.variables.clone();
+        variables.extend(new.variables.clone());
+        let _w = self.write_guard().await;
+        dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let number: Option<(i64,)> = sqlx::query_as(
+                "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
+            )
+            .bind(&new.pipeline)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((number,)) = number else {
+                return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
+            };
+            sqlx::query(
+                "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
+                 VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
+            )
+            .bind(run_id)
+            .bind(&new.pipeline)
+            .bind(number)
+            .bind(Json(&new.trigger))
+            .bind(Json(&new.variables))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            for (position, job) in def.jobs.iter().enumerate() {
+                let job_id = Uuid::now_v7();
+                let status = if job.needs.is_empty() { JobStatus::Queued } else { JobStatus::Pending };
+                let spec = AssignedJob {
+                    id: job_id,
+                    run_id,
+                    run_number: number,
+                    pipeline: new.pipeline.clone(),
+                    name: job.name.clone(),
+                    steps: job.steps.clone(),
+                    variables: variables.clone(),
+                    secrets: BTreeMap::new(),
+                    timeout_secs: job.timeout_secs,
+                    cluster: job.cluster.clone(),
+                    environment: job.environment.clone(),
+                    trigger: new.trigger.clone(),
+                };
+                sqlx::query(
+                    "INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
+                     environment, timeout_secs, spec, created_at, queued_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(job_id)
+                .bind(run_id)
+                .bind(&new.pipeline)
+                .bind(&job.name)
+                .bind(position as i32)
+                .bind(status.as_str())
+                .bind(Json(&job.runs_on))
+                .bind(Json(&job.needs))
+                .bind(job.cluster.clone())
+                .bind(job.environment.clone())
+                .bind(job.timeout_secs as i64)
+                .bind(Json(&spec))
+                .bind(now)
+                .bind(if status == JobStatus::Queued { Some(now) } else { None })
+                .execute(&mut *tx)
+                .await?;
+                for step in &job.steps {
+                    sqlx::query(
+                        "INSERT INTO steps (job_id, idx, name, kind, status) VALUES ($1, $2, $3, $4, 'pending')",
+                    )
+                    .bind(job_id)
+                    .bind(step.index as i32)
+                    .bind(&step.name)
+                    .bind(step.action.kind())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        drop(_w);
+        self.events.publish_jobs().await;
+        self.get_run(run_id).await
+    }
+
+    /// A run with its jobs and their steps.
+    pub async fn get_run(&self, id: Uuid) -> StoreResult<Run> {
+        let (run, jobs, steps): (Option<RunRow>, Vec<JobRow>, Vec<StepRow>) = dispatch!(self, pool => {
+            let run = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {RUN_COLS} FROM runs WHERE id = $1")))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            let jobs = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE run_id = $1 ORDER BY position"
+            )))
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+            let steps = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT s.job_id, s.idx, s.name, s.kind, s.status, s.exit_code, s.started_at, s.finished_at, \
+                 s.log_start, s.log_end FROM steps s JOIN jobs j ON j.id = s.job_id WHERE j.run_id = $1 ORDER BY s.idx"
+            )))
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+            (run, jobs, steps)
+        });
+        let run = run.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
+        run.into_api(attach_steps(jobs, steps)?)
+    }
+
+    /// Runs newest first, optionally filtered; `cursor` is the last id of the previous page.
+    pub async fn list_runs(
+        &self,
+        pipeline: Option<&str>,
+        status: Option<RunStatus>,
+        limit: u32,
+        cursor: Option<Uuid>,
+    ) -> StoreResult<RunList> {
+        let limit = limit.clamp(1, 200);
+        let before = cursor.unwrap_or(Uuid::max());
+        let rows: Vec<RunRow> = dispatch!(self, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {RUN_COLS} FROM runs WHERE ($1 IS NULL OR pipeline = $1) AND ($2 IS NULL OR status = $2) \
+                 AND id < $3 ORDER BY id DESC LIMIT $4"
+            )))
+            .bind(pipeline)
+            .bind(status.map(|s| s.as_str()))
+            .bind(before)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(pool)
+            .await?
+        });
+        let more = rows.len() > limit as usize;
+        let mut runs = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|r| r.into_api(Vec::new()))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if more { runs.last().map(|r| r.id.to_string()) } else { None };
+        runs.shrink_to_fit();
+        Ok(RunList { runs, next_cursor })
+    }
+
+    /// Cancels every unfinished job of a run: waiting jobs end at once, running jobs are flagged
+    /// for their runner (which sees it in its next heartbeat).
+    pub async fn cancel_run(&self, id: Uuid) -> StoreResult<Run> {
+        self.cancel_where(id, None).await?;
+        self.get_run(id).await
+    }
+
+    /// Cancels one job; see [`Store::cancel_run`].
+    pub async fn cancel_job(&self, job_id: Uuid) -> StoreResult<Job> {
+        let run_id = self.get_job(job_id).await?.run_id;
+        self.cancel_where(run_id, Some(job_id)).await?;
+        self.get_job(job_id).await
+    }
+
+    async fn cancel_where(&self, run_id: Uuid, job: Option<Uuid>) -> StoreResult<()> {
+        let now = Utc::now();
+        let _w = self.write_guard().await;
+        dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE id = $1")
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound(format!("run {run_id}")));
+            }
+            let job_filter = job.unwrap_or(Uuid::nil());
+            let waiting: Vec<(Uuid,)> = sqlx::query_as(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $3, cancel_requested = TRUE \
+                 WHERE run_id = $1 AND ($2 = $4 OR id = $2) AND status IN ('pending', 'queued') RETURNING id",
+            )
+            .bind(run_id)
+            .bind(job_filter)
+            .bind(now)
+            .bind(Uuid::nil())
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id,) in &waiting {
+                sqlx::query("UPDATE steps SET status = 'skipped' WHERE job_id = $1 AND status = 'pending'")
+                    .bind(*id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE jobs SET cancel_requested = TRUE WHERE run_id = $1 AND ($2 = $3 OR id = $2) AND status = 'running'",
+            )
+            .bind(run_id)
+            .bind(job_filter)
+            .bind(Uuid::nil())
+            .execute(&mut *tx)
+            .await?;
+            let queued = advance_run!(tx, run_id, now)?;
+            tx.commit().await?;
+            if queued {
+                self.events.publish_jobs().await;
+            }
+            for (id,) in waiting {
+                self.events.publish_log(id).await;
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, status: JobStatus, needs: &[&str]) -> (Uuid, String, JobStatus, Vec<String>) {
+        (
+            Uuid::now_v7(),
+            name.into(),
+            status,
+            needs.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn dependant_is_queued_once_its_needs_succeed() {
+        let jobs = vec![
+            job("build", JobStatus::Succeeded, &[]),
+            job("deploy", JobStatus::Pending, &["build"]),
+        ];
+        let plan = plan_advance(&jobs);
+        assert_eq!(plan.jobs, vec![(jobs[1].0, JobStatus::Queued)]);
+        assert_eq!(plan.run_status, Some(RunStatus::Running));
+    }
+
+    #[test]
+    fn failure_skips_dependants_transitively_and_fails_the_run() {
+        let jobs = vec![
+            job("build", JobStatus::Failed, &[]),
+            job("deploy", JobStatus::Pending, &["build"]),
+            job("notify", JobStatus::Pending, &["deploy"]),
+        ];
+        let plan = plan_advance(&jobs);
+        assert_eq!(
+            plan.jobs,
+            vec![
+                (jobs[1].0, JobStatus::Skipped),
+                (jobs[2].0, JobStatus::Skipped)
+            ]
+        );
+        assert_eq!(plan.run_status, Some(RunStatus::Failed));
+    }
+
+    #[test]
+    fn worst_outcome_wins() {
+        let plan = plan_advance(&[
+            job("a", JobStatus::Cancelled, &[]),
+            job("b", JobStatus::Succeeded, &[]),
+        ]);
+        assert_eq!(plan.run_status, Some(RunStatus::Cancelled));
+        let plan = plan_advance(&[
+            job("a", JobStatus::Cancelled, &[]),
+            job("b", JobStatus::Lost, &[]),
+        ]);
+        assert_eq!(plan.run_status, Some(RunStatus::Failed));
+        let plan = plan_advance(&[job("a", JobStatus::Queued, &[])]);
+        assert_eq!(plan.run_status, Some(RunStatus::Queued));
+    }
+}
