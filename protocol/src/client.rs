@@ -181,7 +181,11 @@ impl Client {
     }
 
     /// Renews the lease on `job` and learns whether it was cancelled.
-    pub async fn heartbeat(&self, job: Uuid, lease: &str) -> Result<HeartbeatResponse, ClientError> {
+    pub async fn heartbeat(
+        &self,
+        job: Uuid,
+        lease: &str,
+    ) -> Result<HeartbeatResponse, ClientError> {
         Self::json(self.request(
             Method::POST,
             &format!("/api/v1/runner/jobs/{job}/heartbeat"),
@@ -316,7 +320,11 @@ impl Client {
         if let Some(c) = cursor {
             query.push(("cursor", c.to_string()));
         }
-        Self::json(self.request(Method::GET, "/api/v1/runs", None).query(&query)).await
+        Self::json(
+            self.request(Method::GET, "/api/v1/runs", None)
+                .query(&query),
+        )
+        .await
     }
 
     /// Gets a run with its jobs and steps.

@@ -1,4 +1,5 @@
-//! Exponential backoff with jitter, and small helpers for saying how long and why.
+//! When to retry and when to give up: exponential backoff with jitter, which answers end a lease,
+//! and small helpers for saying how long and why.
 
 use std::time::Duration;
 
@@ -68,6 +69,15 @@ pub fn human(d: Duration) -> String {
             m => format!("{}h {}m", s / 3600, m),
         }
     }
+}
+
+/// Whether an answer to a per-job call means this runner no longer holds the job: `409` says the
+/// lease was superseded; `401`, `403`, `404` and `410` say the lease or the job no longer exists.
+pub fn lease_is_gone(e: &outpost_protocol::ClientError) -> bool {
+    matches!(
+        e.status().map(|s| s.as_u16()),
+        Some(401 | 403 | 404 | 409 | 410)
+    )
 }
 
 /// An error and its causes on one line, `outer: inner: innermost`.

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub use crate::backoff::lease_is_gone;
 use crate::backoff::{Backoff, error_chain, human};
 use crate::expand;
 use crate::logs::{self, LogConfig, LogError, LogSink, LogWriter};
@@ -105,15 +106,6 @@ impl<A: JobApi> LogSink for ApiLog<A> {
             .await
             .map(|r| r.next_offset)
     }
-}
-
-/// Whether an answer to a per-job call means this runner no longer holds the job: `409` says the
-/// lease was superseded; `401`, `403`, `404` and `410` say the lease or the job no longer exists.
-pub fn lease_is_gone(e: &ClientError) -> bool {
-    matches!(
-        e.status().map(|s| s.as_u16()),
-        Some(401 | 403 | 404 | 409 | 410)
-    )
 }
 
 /// What the executor takes from the runner's settings.

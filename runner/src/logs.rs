@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{Backoff, error_chain};
+use crate::backoff::{Backoff, error_chain, lease_is_gone};
 
 /// How the log is batched and how much of it may wait in memory.
 #[derive(Debug, Clone)]
@@ -359,8 +359,11 @@ async fn upload<S: LogSink>(
                 shared.lock().resync(next);
                 backoff.reset();
             }
-            Err(e) if e.is_lease_lost() => {
-                tracing::warn!("the server says the lease is lost (409) while uploading the log");
+            Err(e) if lease_is_gone(&e) => {
+                tracing::warn!(
+                    "the server says the lease on the job is gone ({}) while uploading its log",
+                    error_chain(&e)
+                );
                 lease_lost.cancel();
                 return Err(LogError::LeaseLost);
             }
@@ -403,17 +406,14 @@ async fn upload<S: LogSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest_status as status;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    mod reqwest_status {
-        pub fn api(code: u16, next_offset: Option<u64>) -> outpost_protocol::ClientError {
-            outpost_protocol::ClientError::Api {
-                status: reqwest::StatusCode::from_u16(code).unwrap(),
-                code: "test".into(),
-                message: "test".into(),
-                next_offset,
-            }
+    fn api_error(code: u16, next_offset: Option<u64>) -> ClientError {
+        ClientError::Api {
+            status: reqwest::StatusCode::from_u16(code).unwrap(),
+            code: "test".into(),
+            message: "test".into(),
+            next_offset,
         }
     }
 
@@ -433,12 +433,12 @@ mod tests {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
             {
-                return Err(status::api(503, None));
+                return Err(api_error(503, None));
             }
             let mut log = self.log.lock().unwrap();
             let len = log.len() as u64;
             if offset > len {
-                return Err(status::api(416, Some(len)));
+                return Err(api_error(416, Some(len)));
             }
             self.batches.lock().unwrap().push(data.len());
             let skip = (len - offset) as usize;
@@ -512,7 +512,7 @@ mod tests {
         struct Gone;
         impl LogSink for Gone {
             async fn append(&self, _: u64, _: Bytes) -> Result<u64, ClientError> {
-                Err(status::api(409, None))
+                Err(api_error(409, None))
             }
         }
         let lost = CancellationToken::new();

@@ -24,7 +24,9 @@ async fn admin_token(store: &Store, data_dir: &Path) -> anyhow::Result<String> {
             return Ok(saved);
         }
     }
-    let (_, token) = store.create_api_token("dev-admin", Scope::Admin, None).await?;
+    let (_, token) = store
+        .create_api_token("dev-admin", Scope::Admin, None)
+        .await?;
     write_private(&path, &token)?;
     Ok(token)
 }
@@ -51,7 +53,10 @@ async fn runner_credentials(
     config_dir: &Path,
 ) -> anyhow::Result<outpost_runner::Credentials> {
     if let Ok(creds) = outpost_runner::Credentials::load(config_dir)
-        && store.authenticate_runner(&creds.runner_token).await?.is_some()
+        && store
+            .authenticate_runner(&creds.runner_token)
+            .await?
+            .is_some()
     {
         return Ok(outpost_runner::Credentials {
             server_url: url.to_string(),
@@ -69,8 +74,13 @@ async fn runner_credentials(
 /// Runs the server with an embedded runner until Ctrl-C.
 pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-        format!("could not create the data directory {}", settings.data_dir.display())
+        format!(
+            "could not create the data directory {}",
+            settings.data_dir.display()
+        )
     })?;
+    // Absolute, so the runner's workspaces and the printed paths do not depend on the cwd.
+    settings.data_dir = std::fs::canonicalize(&settings.data_dir)?;
     let listener = TcpListener::bind(&settings.server.listen)
         .await
         .with_context(|| {
@@ -108,7 +118,10 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         runner_shutdown.clone(),
     ));
 
-    println!("Outpost is running at {url} (data in {})", settings.data_dir.display());
+    println!(
+        "Outpost is running at {url} (data in {})",
+        settings.data_dir.display()
+    );
     println!("An embedded runner with the label `local` is waiting for jobs.");
     println!();
     println!("  export OUTPOST_TOKEN={token}");

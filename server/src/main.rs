@@ -105,7 +105,10 @@ fn expiry(days: Option<u32>) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 fn print_tokens(tokens: &[TokenInfo]) {
-    println!("{:<36}  {:<20}  {:<8}  {:<25}  STATE", "ID", "NAME", "SCOPE", "CREATED");
+    println!(
+        "{:<36}  {:<20}  {:<8}  {:<25}  STATE",
+        "ID", "NAME", "SCOPE", "CREATED"
+    );
     for t in tokens {
         let state = match (t.revoked_at, t.expires_at) {
             (Some(_), _) => "revoked",
@@ -170,7 +173,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 TokenAction::List => print_tokens(&store.list_api_tokens().await?),
                 TokenAction::Revoke { name_or_id } => {
                     let n = store.revoke_api_token(&name_or_id).await?;
-                    anyhow::ensure!(n > 0, "no active token is named {name_or_id} or has that id");
+                    anyhow::ensure!(
+                        n > 0,
+                        "no active token is named {name_or_id} or has that id"
+                    );
                     eprintln!("revoked {n} token(s)");
                 }
             }

@@ -107,8 +107,8 @@ fn environment() -> config::Environment {
 impl Settings {
     /// Loads defaults, then `file` (if given), then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut builder = config::Config::builder()
-            .add_source(config::Config::try_from(&Settings::default())?);
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
         if let Some(file) = file {
             anyhow::ensure!(
                 file.exists(),
@@ -122,7 +122,10 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .context("invalid configuration")?;
-        anyhow::ensure!(settings.queue.lease_secs >= 1, "queue.lease_secs must be at least 1");
+        anyhow::ensure!(
+            settings.queue.lease_secs >= 1,
+            "queue.lease_secs must be at least 1"
+        );
         anyhow::ensure!(
             settings.queue.acquire_wait_secs >= 1,
             "queue.acquire_wait_secs must be at least 1"
@@ -164,6 +167,9 @@ mod tests {
         assert_eq!(settings.server.listen, "127.0.0.1:9000");
         assert_eq!(settings.queue.lease_secs, 5);
         assert_eq!(settings.database_url(), "postgres://postgres@127.0.0.1/x");
-        assert_eq!(Settings::default().database_url(), "sqlite://./outpost-data/outpost.db");
+        assert_eq!(
+            Settings::default().database_url(),
+            "sqlite://./outpost-data/outpost.db"
+        );
     }
 }

@@ -60,7 +60,11 @@ impl ApiError {
 
     /// `500`: logs `cause` once (in middleware) and tells the client only "internal error".
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", cause.to_string())
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            cause.to_string(),
+        )
     }
 
     /// The HTTP status.

@@ -16,7 +16,9 @@ use crate::store::{ApiPrincipal, Scope};
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers.get(AUTHORIZATION).ok_or_else(|| {
-        ApiError::unauthenticated("missing Authorization header: send `Authorization: Bearer <token>`")
+        ApiError::unauthenticated(
+            "missing Authorization header: send `Authorization: Bearer <token>`",
+        )
     })?;
     let value = value
         .to_str()
@@ -26,7 +28,9 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
         .or_else(|| value.strip_prefix("bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthenticated("the Authorization header must be `Bearer <token>`"))?;
+        .ok_or_else(|| {
+            ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
+        })?;
     Ok(token)
 }
 
@@ -127,8 +131,11 @@ impl Body {
 
     /// Parses the body as JSON.
     pub fn json_required<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        serde_json::from_slice(&self.0)
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON for this call: {e}")))
+        serde_json::from_slice(&self.0).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the request body is not valid JSON for this call: {e}"
+            ))
+        })
     }
 }
 

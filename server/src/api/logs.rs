@@ -56,7 +56,9 @@ fn log_body(store: Arc<Store>, job: Uuid, from: u64, to: u64) -> HttpBody {
                         if end <= next {
                             continue;
                         }
-                        buf.extend_from_slice(&c.data[(next - start) as usize..(end - start) as usize]);
+                        buf.extend_from_slice(
+                            &c.data[(next - start) as usize..(end - start) as usize],
+                        );
                         next = end;
                     }
                     Some((Ok::<Bytes, std::io::Error>(Bytes::from(buf)), next))
@@ -101,7 +103,10 @@ pub async fn get_log(
         _ => Response::new(log_body(state.store.clone(), id, 0, size)),
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
@@ -156,7 +161,8 @@ impl StreamState {
                     if end <= next {
                         continue;
                     }
-                    self.carry.extend_from_slice(&c.data[(next - start) as usize..]);
+                    self.carry
+                        .extend_from_slice(&c.data[(next - start) as usize..]);
                     next = end;
                 }
                 let held = self.carry.len();
@@ -164,7 +170,8 @@ impl StreamState {
                 let consumed = (held - self.carry.len()) as u64;
                 if consumed > 0 {
                     self.offset += consumed;
-                    let data = serde_json::json!({ "offset": self.offset - consumed, "text": text });
+                    let data =
+                        serde_json::json!({ "offset": self.offset - consumed, "text": text });
                     self.pending.push_back(
                         Event::default()
                             .event("log")
@@ -194,8 +201,12 @@ impl StreamState {
                 }
                 let job = self.store.get_job(self.job).await?;
                 let data = serde_json::json!({ "status": status, "exit_code": job.exit_code, "log_size": size });
-                self.pending
-                    .push_back(Event::default().event("end").id(self.offset.to_string()).data(data.to_string()));
+                self.pending.push_back(
+                    Event::default()
+                        .event("end")
+                        .id(self.offset.to_string())
+                        .data(data.to_string()),
+                );
                 self.done = true;
                 return Ok(());
             }
@@ -259,7 +270,8 @@ pub async fn stream_log(
             if let Err(e) = st.next_events().await {
                 tracing::warn!(job.id = %st.job, error = ?e, "log stream failed");
                 let data = serde_json::json!({ "message": "the log could not be read; reconnect to resume" });
-                st.pending.push_back(Event::default().event("error").data(data.to_string()));
+                st.pending
+                    .push_back(Event::default().event("error").data(data.to_string()));
                 st.done = true;
             }
         }

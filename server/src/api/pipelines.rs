@@ -27,7 +27,11 @@ pub async fn apply(
     let def = pipeline::parse(yaml)?;
     let (pipeline, created) = state.store.put_pipeline(&name, yaml, &def).await?;
     tracing::info!(actor = %caller.0.name, created, "pipeline applied");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(pipeline)))
 }
 

@@ -27,7 +27,11 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 
 /// `POST /runner/register` with a registration token.
 #[tracing::instrument(skip_all, err(Debug))]
-pub async fn register(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
+pub async fn register(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let token = bearer(&headers)?;
     let pool = state.store.authenticate_registration(token).await?.ok_or_else(|| {
         ApiError::unauthenticated(
@@ -36,7 +40,9 @@ pub async fn register(State(state): State<AppState>, headers: HeaderMap, body: B
     })?;
     let req: RegisterRequest = body.json_required()?;
     if req.name.trim().is_empty() || req.name.len() > 200 {
-        return Err(ApiError::bad_request("a runner needs a name of 1 to 200 characters"));
+        return Err(ApiError::bad_request(
+            "a runner needs a name of 1 to 200 characters",
+        ));
     }
     if let Some(bad) = req
         .labels
@@ -54,7 +60,11 @@ pub async fn register(State(state): State<AppState>, headers: HeaderMap, body: B
 
 /// `POST /runner/acquire`: holds the request until a matching job is queued or the wait ends.
 #[tracing::instrument(skip_all, fields(runner.id = %runner.0.id), err(Debug))]
-pub async fn acquire(State(state): State<AppState>, runner: RunnerCaller, body: Body) -> ApiResult<Response> {
+pub async fn acquire(
+    State(state): State<AppState>,
+    runner: RunnerCaller,
+    body: Body,
+) -> ApiResult<Response> {
     let req: AcquireRequest = body.json(true)?;
     let max = state.settings.queue.acquire_wait_secs;
     let wait = Duration::from_secs(req.wait_secs.unwrap_or(max).min(max));
@@ -102,7 +112,10 @@ pub async fn append_log(
     let id = parse_id(&id, "job")?;
     let axum::extract::Query(q) = axum::extract::Query::<OffsetQuery>::try_from_uri(&uri)
         .map_err(|_| ApiError::bad_request("the log append needs ?offset=N (a byte offset)"))?;
-    let next_offset = state.store.append_log(id, &lease.0, q.offset, &body.0).await?;
+    let next_offset = state
+        .store
+        .append_log(id, &lease.0, q.offset, &body.0)
+        .await?;
     Ok(Json(LogAppendResponse { next_offset }))
 }
 
@@ -118,7 +131,10 @@ pub async fn update_step(
         .parse()
         .map_err(|_| ApiError::not_found(format!("step {index} not found")))?;
     let update: StepUpdate = body.json_required()?;
-    state.store.update_step(id, &lease.0, index, &update).await?;
+    state
+        .store
+        .update_step(id, &lease.0, index, &update)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

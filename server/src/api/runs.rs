@@ -66,7 +66,11 @@ struct RunsQuery {
 }
 
 /// `GET /runs?pipeline=&status=&limit=&cursor=`: newest first.
-pub async fn list(State(state): State<AppState>, caller: Caller, uri: Uri) -> ApiResult<Json<RunList>> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> ApiResult<Json<RunList>> {
     caller.require(Scope::Read)?;
     let Query(q) = Query::<RunsQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
@@ -80,10 +84,9 @@ pub async fn list(State(state): State<AppState>, caller: Caller, uri: Uri) -> Ap
     };
     let cursor = match q.cursor.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(c) => Some(
-            uuid::Uuid::parse_str(c)
-                .map_err(|_| ApiError::bad_request("invalid cursor: pass next_cursor from the previous page"))?,
-        ),
+        Some(c) => Some(uuid::Uuid::parse_str(c).map_err(|_| {
+            ApiError::bad_request("invalid cursor: pass next_cursor from the previous page")
+        })?),
     };
     let pipeline = q.pipeline.as_deref().filter(|s| !s.is_empty());
     Ok(Json(
@@ -95,13 +98,21 @@ pub async fn list(State(state): State<AppState>, caller: Caller, uri: Uri) -> Ap
 }
 
 /// `GET /runs/{id}`: the run with its jobs and steps.
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Run>> {
     caller.require(Scope::Read)?;
     Ok(Json(state.store.get_run(parse_id(&id, "run")?).await?))
 }
 
 /// `POST /runs/{id}/cancel`.
-pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Run>> {
     caller.require(Scope::Trigger)?;
     let id = parse_id(&id, "run")?;
     let run = state.store.cancel_run(id).await?;
@@ -110,13 +121,21 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Pat
 }
 
 /// `GET /jobs/{id}`.
-pub async fn get_job(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Job>> {
     caller.require(Scope::Read)?;
     Ok(Json(state.store.get_job(parse_id(&id, "job")?).await?))
 }
 
 /// `POST /jobs/{id}/cancel`.
-pub async fn cancel_job(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Job>> {
     caller.require(Scope::Trigger)?;
     let id = parse_id(&id, "job")?;
     let job = state.store.cancel_job(id).await?;

@@ -175,7 +175,9 @@ impl Store {
         expires_at: Option<DateTime<Utc>>,
     ) -> StoreResult<(Uuid, String)> {
         if pool_name.trim().is_empty() {
-            return Err(StoreError::Invalid("a registration token needs a pool name".into()));
+            return Err(StoreError::Invalid(
+                "a registration token needs a pool name".into(),
+            ));
         }
         let token = new_token("opr_");
         let id = Uuid::now_v7();

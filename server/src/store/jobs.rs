@@ -62,7 +62,11 @@ impl Store {
         let now = Utc::now();
         let token = new_token("opl_");
         let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
-        let sql = if self.is_postgres() { CLAIM_POSTGRES } else { CLAIM_SQLITE };
+        let sql = if self.is_postgres() {
+            CLAIM_POSTGRES
+        } else {
+            CLAIM_SQLITE
+        };
         let _w = self.write_guard().await;
         let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = dispatch!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -287,7 +291,9 @@ impl Store {
                 });
                 match row {
                     None => Err(StoreError::NotFound(format!("job {job_id}"))),
-                    Some((status, Some(h), run_id)) if h == hash && status == req.status.as_str() => {
+                    Some((status, Some(h), run_id))
+                        if h == hash && status == req.status.as_str() =>
+                    {
                         Ok(CompleteOutcome { run_id })
                     }
                     Some(_) => Err(StoreError::LeaseLost),
@@ -339,7 +345,10 @@ impl Store {
         });
         drop(_w);
         if !requeued.is_empty() {
-            tracing::warn!(count = requeued.len(), "requeued jobs whose runner never confirmed them");
+            tracing::warn!(
+                count = requeued.len(),
+                "requeued jobs whose runner never confirmed them"
+            );
             self.events.publish_jobs().await;
         }
         for (job_id, run_id) in &lost {

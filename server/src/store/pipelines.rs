@@ -34,7 +34,8 @@ impl PipelineRow {
     }
 }
 
-const SELECT: &str = "SELECT name, description, yaml, definition, created_at, updated_at FROM pipelines";
+const SELECT: &str =
+    "SELECT name, description, yaml, definition, created_at, updated_at FROM pipelines";
 
 impl Store {
     /// Creates or replaces a pipeline; returns it and whether it was new.

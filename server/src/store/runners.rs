@@ -105,7 +105,11 @@ impl Store {
             .into_iter()
             .map(|r| {
                 let state = if r.current_job.is_some() {
-                    if r.draining { RunnerState::Draining } else { RunnerState::Busy }
+                    if r.draining {
+                        RunnerState::Draining
+                    } else {
+                        RunnerState::Busy
+                    }
                 } else if r.last_seen_at.is_none_or(|t| now - t > OFFLINE_AFTER) {
                     RunnerState::Offline
                 } else if r.draining {

@@ -389,10 +389,10 @@ impl Store {
             .bind(id)
             .fetch_all(pool)
             .await?;
-            let steps = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let steps = sqlx::query_as(
                 "SELECT s.job_id, s.idx, s.name, s.kind, s.status, s.exit_code, s.started_at, s.finished_at, \
-                 s.log_start, s.log_end FROM steps s JOIN jobs j ON j.id = s.job_id WHERE j.run_id = $1 ORDER BY s.idx"
-            )))
+                 s.log_start, s.log_end FROM steps s JOIN jobs j ON j.id = s.job_id WHERE j.run_id = $1 ORDER BY s.idx",
+            )
             .bind(id)
             .fetch_all(pool)
             .await?;
@@ -430,7 +430,11 @@ impl Store {
             .take(limit as usize)
             .map(|r| r.into_api(Vec::new()))
             .collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if more { runs.last().map(|r| r.id.to_string()) } else { None };
+        let next_cursor = if more {
+            runs.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
         runs.shrink_to_fit();
         Ok(RunList { runs, next_cursor })
     }
@@ -503,7 +507,11 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn job(name: &str, status: JobStatus, needs: &[&str]) -> (Uuid, String, JobStatus, Vec<String>) {
+    fn job(
+        name: &str,
+        status: JobStatus,
+        needs: &[&str],
+    ) -> (Uuid, String, JobStatus, Vec<String>) {
         (
             Uuid::now_v7(),
             name.into(),
