@@ -361,4 +361,64 @@ impl Client {
     pub async fn list_runners(&self) -> Result<RunnerList, ClientError> {
         Self::json(self.request(Method::GET, "/api/v1/runners", None)).await
     }
+
+    /// Follows a job's log live, from byte `from_offset` on (`Last-Event-ID`).
+    ///
+    /// The stream yields the stored log, then the text as the runner appends it, and ends after
+    /// [`LogEvent::End`].
+    /// It ends without `End` when the connection drops or stays silent for
+    /// [`crate::sse::LOG_STREAM_IDLE_TIMEOUT`]: call again with the last `next_offset` to resume
+    /// with no byte lost or repeated.
+    /// The request keeps the connect timeout but not the 30 s limit of ordinary calls, since a
+    /// job may run for hours.
+    pub fn stream_log(&self, job: Uuid, from_offset: u64) -> crate::sse::LogEventStream {
+        let mut req = self
+            .request(Method::GET, &format!("/api/v1/jobs/{job}/log/stream"), None)
+            .timeout(crate::sse::LOG_STREAM_MAX_DURATION)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if from_offset > 0 {
+            req = req.header("Last-Event-ID", from_offset.to_string());
+        }
+        let connect = futures::stream::once(async move {
+            let resp = Self::send(req).await?;
+            let content_type = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if !content_type.starts_with("text/event-stream") {
+                return Err(ClientError::Decode(format!(
+                    "the log stream answered with content type {content_type:?}, \
+                     not text/event-stream"
+                )));
+            }
+            let bytes = futures::TryStreamExt::map_err(resp.bytes_stream(), ClientError::Transport);
+            Ok(crate::sse::decode_log_stream(
+                bytes,
+                crate::sse::LOG_STREAM_IDLE_TIMEOUT,
+            ))
+        });
+        Box::pin(futures::TryStreamExt::try_flatten(connect))
+    }
+
+    /// Like [`Client::apply_pipeline`], and also tells whether the pipeline was created (`201`)
+    /// rather than replaced (`200`).
+    pub async fn apply_pipeline_created(
+        &self,
+        name: &str,
+        yaml: &str,
+    ) -> Result<(Pipeline, bool), ClientError> {
+        let resp = Self::send(
+            self.request(Method::PUT, &format!("/api/v1/pipelines/{name}"), None)
+                .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+                .body(yaml.to_string()),
+        )
+        .await?;
+        let created = resp.status() == StatusCode::CREATED;
+        let bytes = resp.bytes().await.map_err(ClientError::Transport)?;
+        let pipeline =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((pipeline, created))
+    }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod sse;
 pub mod types;
 
 pub use client::{Client, ClientError};

@@ -86,7 +86,9 @@ fn check_server_url(url: &str) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        other => anyhow::bail!("the server URL `{url}` has scheme `{other}`: use https (or http on loopback)"),
+        other => anyhow::bail!(
+            "the server URL `{url}` has scheme `{other}`: use https (or http on loopback)"
+        ),
     }
 }
 
@@ -113,7 +115,8 @@ pub async fn run_with_abort(
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) -> anyhow::Result<()> {
-    let span = tracing::info_span!("runner", runner.id = %creds.runner_id, runner.name = %creds.name);
+    let span =
+        tracing::info_span!("runner", runner.id = %creds.runner_id, runner.name = %creds.name);
     run_loop(creds, settings, opts, shutdown, abort)
         .instrument(span)
         .await
@@ -260,6 +263,9 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("could not register with http://127.0.0.1:1"), "{err}");
+        assert!(
+            err.contains("could not register with http://127.0.0.1:1"),
+            "{err}"
+        );
     }
 }

@@ -174,11 +174,19 @@ mod tests {
     fn expands_inside_words_after_splitting() {
         let v = vars(&[("NAMESPACE", "web"), ("TAG", "1.2.3")]);
         let out = expand_args(
-            &args(&["apply", "-n", "${NAMESPACE}", "--set=image.tag=${TAG}-${NAMESPACE}"]),
+            &args(&[
+                "apply",
+                "-n",
+                "${NAMESPACE}",
+                "--set=image.tag=${TAG}-${NAMESPACE}",
+            ]),
             &v,
         )
         .unwrap();
-        assert_eq!(out, args(&["apply", "-n", "web", "--set=image.tag=1.2.3-web"]));
+        assert_eq!(
+            out,
+            args(&["apply", "-n", "web", "--set=image.tag=1.2.3-web"])
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 pub use crate::backoff::lease_is_gone;
@@ -51,8 +52,10 @@ pub trait JobApi: Clone + Send + Sync + 'static {
         update: StepUpdate,
     ) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `POST /api/v1/runner/jobs/{id}/complete`.
-    fn complete(&self, req: CompleteRequest)
-    -> impl Future<Output = Result<(), ClientError>> + Send;
+    fn complete(
+        &self,
+        req: CompleteRequest,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
 }
 
 /// The production [`JobApi`]: the protocol client with the job's lease token.
@@ -101,10 +104,7 @@ struct ApiLog<A>(A);
 
 impl<A: JobApi> LogSink for ApiLog<A> {
     async fn append(&self, offset: u64, data: Bytes) -> Result<u64, ClientError> {
-        self.0
-            .append_log(offset, data)
-            .await
-            .map(|r| r.next_offset)
+        self.0.append_log(offset, data).await.map(|r| r.next_offset)
     }
 }
 
@@ -207,7 +207,9 @@ pub async fn execute<A: JobApi>(
             }
         }
         Err(FirstHeartbeat::LeaseGone(reason)) => {
-            tracing::warn!("the server no longer gives this runner the job ({reason}); not running it");
+            tracing::warn!(
+                "the server no longer gives this runner the job ({reason}); not running it"
+            );
             return JobOutcome::LeaseLost;
         }
         Err(FirstHeartbeat::GaveUp(reason)) => {
@@ -217,18 +219,19 @@ pub async fn execute<A: JobApi>(
     }
 
     let heartbeat_stop = CancellationToken::new();
-    let heartbeat = tokio::spawn(heartbeats(
-        api.clone(),
-        heartbeat_interval(lease.duration_secs),
-        cancel.clone(),
-        lease_lost.clone(),
-        heartbeat_stop.clone(),
-    ));
-    let (log, uploader) = logs::start(
-        ApiLog(api.clone()),
-        config.log.clone(),
-        lease_lost.clone(),
+    // Heartbeats stop when this function returns or its future is dropped mid-job.
+    let _stop_heartbeats = heartbeat_stop.clone().drop_guard();
+    let heartbeat = tokio::spawn(
+        heartbeats(
+            api.clone(),
+            heartbeat_interval(lease.duration_secs),
+            cancel.clone(),
+            lease_lost.clone(),
+            heartbeat_stop.clone(),
+        )
+        .in_current_span(),
     );
+    let (log, uploader) = logs::start(ApiLog(api.clone()), config.log.clone(), lease_lost.clone());
     let reporter = StepReporter::start(api.clone(), lease_lost.clone());
     let workspace = config.work_dir.join(job.id.to_string());
 
@@ -268,7 +271,16 @@ pub async fn execute<A: JobApi>(
                 describe_job_status(status, exit_code),
                 human(started.elapsed())
             ));
-            finish(&api, uploader, reporter, &lease_lost, config, status, exit_code).await
+            finish(
+                &api,
+                uploader,
+                reporter,
+                &lease_lost,
+                config,
+                status,
+                exit_code,
+            )
+            .await
         }
     };
     heartbeat_stop.cancel();
@@ -452,15 +464,25 @@ async fn heartbeats<A: JobApi>(
 }
 
 /// Sends step reports in order, retrying transient errors, without holding up the steps.
+/// Dropping it stops its task.
 struct StepReporter {
     tx: mpsc::Sender<(u32, StepUpdate)>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for StepReporter {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl StepReporter {
     fn start<A: JobApi>(api: A, lease_lost: CancellationToken) -> Self {
         let (tx, mut rx) = mpsc::channel::<(u32, StepUpdate)>(256);
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(
+            async move {
             while let Some((index, update)) = rx.recv().await {
                 let mut backoff = Backoff::new();
                 loop {
@@ -502,8 +524,13 @@ impl StepReporter {
                     }
                 }
             }
-        });
-        Self { tx, task }
+        }
+            .in_current_span(),
+        );
+        Self {
+            tx,
+            task: Some(task),
+        }
     }
 
     async fn send(&self, index: u32, status: StepStatus, exit_code: Option<i32>, log_offset: u64) {
@@ -517,9 +544,13 @@ impl StepReporter {
     }
 
     /// Waits until every report was delivered or `deadline`; answers whether all were.
-    async fn finish(self, deadline: Instant) -> bool {
-        drop(self.tx);
-        let mut task = self.task;
+    async fn finish(mut self, deadline: Instant) -> bool {
+        let Some(mut task) = self.task.take() else {
+            return true;
+        };
+        // Closing the queue lets the task end once it has sent what is in it.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
         match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(_) => true,
             Err(_) => {
@@ -530,7 +561,7 @@ impl StepReporter {
     }
 
     fn abort(self) {
-        self.task.abort();
+        // Dropping `self` stops the task.
     }
 }
 
@@ -672,8 +703,10 @@ impl JobRun<'_> {
             job.run_number
         ));
         if let Err(e) = self.prepare() {
-            self.log
-                .line(&format!("✘ could not prepare the job: {}", error_chain(&*e)));
+            self.log.line(&format!(
+                "✘ could not prepare the job: {}",
+                error_chain(&*e)
+            ));
             verdict.note(Trouble::Failed(None));
             phase = Phase::Stopped;
         }
@@ -826,7 +859,13 @@ impl JobRun<'_> {
         Ok(())
     }
 
-    async fn run_step(&mut self, step: &StepSpec, number: usize, total: usize, phase: Phase) -> StepEnd {
+    async fn run_step(
+        &mut self,
+        step: &StepSpec,
+        number: usize,
+        total: usize,
+        phase: Phase,
+    ) -> StepEnd {
         let started = Instant::now();
         let offset = self.log.offset();
         self.reporter
@@ -834,9 +873,7 @@ impl JobRun<'_> {
             .await;
         self.log
             .line(&format!("\n▶ Step {number}/{total}: {}", step.name));
-        let step_deadline = step
-            .timeout_secs
-            .map(|s| started + Duration::from_secs(s));
+        let step_deadline = step.timeout_secs.map(|s| started + Duration::from_secs(s));
 
         let end = match &step.action {
             StepAction::Run { script, shell } => {
@@ -866,7 +903,9 @@ impl JobRun<'_> {
                 format!("✘ Step {number}/{total} failed with exit code {code} in {took}")
             }
             (StepStatus::Failed, None, _) => format!("✘ Step {number}/{total} failed in {took}"),
-            (StepStatus::TimedOut, _, _) => format!("✘ Step {number}/{total} timed out after {took}"),
+            (StepStatus::TimedOut, _, _) => {
+                format!("✘ Step {number}/{total} timed out after {took}")
+            }
             (_, _, Some(Cause::LeaseLost)) => {
                 format!("✘ Step {number}/{total} was killed after {took}: the lease was lost")
             }
@@ -943,7 +982,8 @@ impl JobRun<'_> {
         let expanded = match expand::expand_args(args, &self.vars) {
             Ok(a) => a,
             Err(e) => {
-                self.log.line(&format!("$ {name} {}", shell_words::join(args)));
+                self.log
+                    .line(&format!("$ {name} {}", shell_words::join(args)));
                 self.log.line(&format!("✘ {e}"));
                 return StepEnd::failed(None);
             }
@@ -1014,7 +1054,10 @@ impl JobRun<'_> {
         fetch.extend([url, sha]);
 
         self.log.line("$ git init -q");
-        match self.command(&git(&["init", "-q"]), step, step_deadline, phase).await {
+        match self
+            .command(&git(&["init", "-q"]), step, step_deadline, phase)
+            .await
+        {
             CommandEnd::Exited(0) => {}
             other => return StepEnd::from_command(other),
         }
@@ -1055,7 +1098,10 @@ impl JobRun<'_> {
             "--detach",
             sha,
         ];
-        StepEnd::from_command(self.command(&git(&checkout), step, step_deadline, phase).await)
+        StepEnd::from_command(
+            self.command(&git(&checkout), step, step_deadline, phase)
+                .await,
+        )
     }
 
     /// Runs one command of a step until it exits or something stops it.
@@ -1097,10 +1143,7 @@ impl JobRun<'_> {
                     if cleanup { Cause::CleanupTimeout } else { Cause::JobTimeout }
                 }
             };
-            let how = format!(
-                "SIGINT, then SIGTERM; SIGKILL after {}",
-                human(grace)
-            );
+            let how = format!("SIGINT, then SIGTERM; SIGKILL after {}", human(grace));
             let (mode, line) = match cause {
                 Cause::LeaseLost => (
                     KillMode::Immediate,

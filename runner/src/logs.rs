@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, error_chain, lease_is_gone};
 
@@ -212,10 +213,18 @@ impl LogWriter {
     }
 }
 
-/// The background task that uploads a job's log.
+/// The background task that uploads a job's log; dropping it stops the task.
 pub struct LogUploader {
     shared: Arc<Shared>,
-    task: JoinHandle<Result<(), LogError>>,
+    task: Option<JoinHandle<Result<(), LogError>>>,
+}
+
+impl Drop for LogUploader {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Starts uploading to `sink`; a `409` cancels `lease_lost`.
@@ -245,18 +254,21 @@ pub fn start_at<S: LogSink>(
         wake: Notify::new(),
         max_buffered: config.max_buffered.max(1),
     });
-    let task = tokio::spawn(upload(shared.clone(), sink, config, lease_lost));
+    let task = tokio::spawn(upload(shared.clone(), sink, config, lease_lost).in_current_span());
     (
         LogWriter {
             shared: shared.clone(),
         },
-        LogUploader { shared, task },
+        LogUploader {
+            shared,
+            task: Some(task),
+        },
     )
 }
 
 impl LogUploader {
     /// Stops accepting writes and waits up to `within` for the server to acknowledge everything.
-    pub async fn finish(self, within: Duration) -> Result<(), LogError> {
+    pub async fn finish(mut self, within: Duration) -> Result<(), LogError> {
         {
             let mut s = self.shared.lock();
             let max = self.shared.max_buffered;
@@ -264,7 +276,9 @@ impl LogUploader {
             s.closed = true;
         }
         self.shared.wake.notify_one();
-        let mut task = self.task;
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
         match tokio::time::timeout(within, &mut task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => {
@@ -285,7 +299,7 @@ impl LogUploader {
     /// Stops at once, discarding what was not uploaded (the lease is lost).
     pub fn abort(self) {
         self.shared.lock().closed = true;
-        self.task.abort();
+        // Dropping `self` stops the task.
     }
 }
 

@@ -1,5 +1,6 @@
 //! `outpost-runner`: register with an Outpost server, then pull and run its jobs.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -92,6 +93,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Register(args) => register(args).await,
@@ -131,7 +133,8 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         creds.name,
         creds.runner_id,
         creds.server_url,
-        dir.join(outpost_runner::settings::CREDENTIALS_FILE).display()
+        dir.join(outpost_runner::settings::CREDENTIALS_FILE)
+            .display()
     );
     Ok(())
 }
@@ -152,7 +155,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => "SIGINT",
         };
         tracing::info!(
-            "received {name}: finishing the running job (up to {drain_grace}s), then exiting; send it again to cancel the job"
+            "received {name}: stopping; a running job may finish first (up to {}), send the signal again to cancel it",
+            outpost_runner::backoff::human(std::time::Duration::from_secs(drain_grace))
         );
         drain.cancel();
         let name = tokio::select! {

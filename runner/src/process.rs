@@ -146,7 +146,9 @@ impl Drop for GroupGuard {
 fn signal_group(pgid: Pid, sig: Signal) {
     match killpg(pgid, sig) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => tracing::warn!(pgid = pgid.as_raw(), signal = %sig, error = %e, "could not signal a step's process group"),
+        Err(e) => {
+            tracing::warn!(pgid = pgid.as_raw(), signal = %sig, error = %e, "could not signal a step's process group")
+        }
     }
 }
 
@@ -290,7 +292,9 @@ pub async fn run<T>(
     pipe.drain_until(short, out).await;
     if !pipe.eof || group_exists(pgid) {
         if stopped.is_none() {
-            out.notice("⚠ the step's main process exited but left processes running; stopping them");
+            out.notice(
+                "⚠ the step's main process exited but left processes running; stopping them",
+            );
         }
         signal_group(pgid, Signal::SIGTERM);
         let term_wait = Instant::now() + timing.grace.min(Duration::from_secs(2));

@@ -181,14 +181,10 @@ impl Settings {
         }
         let built = Config::builder()
             .add_source(defaults)
-            .add_source(
-                File::new(&file.to_string_lossy(), FileFormat::Toml).required(false),
-            )
+            .add_source(File::new(&file.to_string_lossy(), FileFormat::Toml).required(false))
             .add_source(env_source)
             .build()
-            .with_context(|| {
-                format!("could not read the runner settings in {}", file.display())
-            })?;
+            .with_context(|| format!("could not read the runner settings in {}", file.display()))?;
         let mut settings: Settings = built.try_deserialize().with_context(|| {
             format!(
                 "the runner settings are not valid (from {} and {ENV_PREFIX}__* variables)",

@@ -139,7 +139,10 @@ impl Fake {
             let expires = chrono::Utc::now() + chrono::Duration::seconds(4);
             return (
                 200,
-                format!(r#"{{"expires_at":"{}","cancel_requested":false}}"#, expires.to_rfc3339()),
+                format!(
+                    r#"{{"expires_at":"{}","cancel_requested":false}}"#,
+                    expires.to_rfc3339()
+                ),
             );
         }
         if let Some(q) = path.split_once("/log?offset=") {
@@ -242,7 +245,12 @@ async fn run_once_runs_a_job_through_the_protocol_client() {
     let work_dir = settings.work_dir.clone();
     tokio::time::timeout(
         Duration::from_secs(60),
-        outpost_runner::run(creds, settings, RunOptions { once: true }, CancellationToken::new()),
+        outpost_runner::run(
+            creds,
+            settings,
+            RunOptions { once: true },
+            CancellationToken::new(),
+        ),
     )
     .await
     .expect("run --once did not return")
@@ -258,12 +266,20 @@ async fn run_once_runs_a_job_through_the_protocol_client() {
     );
     let per_job: Vec<&String> = s.calls.iter().filter(|c| c.contains("/jobs/")).collect();
     assert!(per_job[0].contains("/heartbeat"), "{per_job:?}");
-    assert!(per_job.iter().all(|c| c.ends_with(&format!("Bearer {LEASE_TOKEN}"))));
+    assert!(
+        per_job
+            .iter()
+            .all(|c| c.ends_with(&format!("Bearer {LEASE_TOKEN}")))
+    );
     assert!(per_job.last().unwrap().contains("/complete"));
     assert_eq!(s.steps.len(), 2);
     assert_eq!(s.steps[0].0, "0");
     drop(s);
-    assert!(fake.log().contains("hello from the job\n"), "{}", fake.log());
+    assert!(
+        fake.log().contains("hello from the job\n"),
+        "{}",
+        fake.log()
+    );
     // The workspace is gone, only the work dir remains.
     assert_eq!(std::fs::read_dir(&work_dir).unwrap().count(), 0);
 }
@@ -277,7 +293,12 @@ async fn a_rejected_runner_token_stops_with_a_clear_error() {
     let (creds, settings) = runner(&url, tmp.path());
     let err = tokio::time::timeout(
         Duration::from_secs(30),
-        outpost_runner::run(creds, settings, RunOptions::default(), CancellationToken::new()),
+        outpost_runner::run(
+            creds,
+            settings,
+            RunOptions::default(),
+            CancellationToken::new(),
+        ),
     )
     .await
     .unwrap()
@@ -301,7 +322,14 @@ async fn shutdown_while_idle_or_unreachable_returns_promptly() {
         shutdown.clone(),
     ));
     assert!(
-        eventually(Duration::from_secs(20), || fake.state.lock().unwrap().calls.len() >= 2).await
+        eventually(Duration::from_secs(20), || fake
+            .state
+            .lock()
+            .unwrap()
+            .calls
+            .len()
+            >= 2)
+        .await
     );
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task)
@@ -357,7 +385,90 @@ async fn a_drain_lets_the_running_job_finish_and_report() {
         .unwrap()
         .unwrap();
     let s = fake.state.lock().unwrap();
-    assert_eq!(s.complete.as_ref().map(|c| c.status), Some(JobStatus::Succeeded));
+    assert_eq!(
+        s.complete.as_ref().map(|c| c.status),
+        Some(JobStatus::Succeeded)
+    );
     drop(s);
     assert!(fake.log().contains("finished\n"), "{}", fake.log());
+}
+
+/// The real binary: the first SIGTERM drains (the job keeps running), the second cancels the job,
+/// which is reported `cancelled`, and the runner exits 0.
+#[tokio::test]
+async fn the_binary_drains_on_sigterm_and_cancels_on_a_second_one() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let fake = Fake::default();
+    fake.state
+        .lock()
+        .unwrap()
+        .jobs
+        .push(assignment("echo started; sleep 300"));
+    let url = fake.clone().start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (creds, _) = runner(&url, tmp.path());
+    creds.save(tmp.path()).unwrap();
+    std::fs::write(
+        tmp.path().join("runner.toml"),
+        "poll_wait_secs = 1\nkill_grace_secs = 2\n",
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outpost-runner"))
+        .args(["run", "--config-dir"])
+        .arg(tmp.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let collected = stderr.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            collected.lock().unwrap().push_str(&line);
+            collected.lock().unwrap().push('\n');
+        }
+    });
+    let pid = Pid::from_raw(child.id().unwrap() as i32);
+
+    assert!(eventually(Duration::from_secs(30), || fake.log().contains("started\n")).await);
+    kill(pid, Signal::SIGTERM).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || stderr
+            .lock()
+            .unwrap()
+            .contains("draining"))
+        .await,
+        "{}",
+        stderr.lock().unwrap()
+    );
+    // Draining: the job is still running, so nothing was completed.
+    assert!(fake.state.lock().unwrap().complete.is_none());
+    assert!(child.try_wait().unwrap().is_none());
+
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the runner did not exit after the second SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{}", stderr.lock().unwrap());
+    let s = fake.state.lock().unwrap();
+    assert_eq!(
+        s.complete.as_ref().map(|c| c.status),
+        Some(JobStatus::Cancelled)
+    );
+    assert_eq!(
+        s.steps.last().map(|(_, u)| u.status),
+        Some(outpost_protocol::StepStatus::Cancelled)
+    );
+    drop(s);
+    assert!(
+        fake.log()
+            .contains("The runner is shutting down: stopping the step")
+    );
 }

@@ -86,7 +86,10 @@ async fn stopping_a_step_kills_its_grandchildren() {
         .trim()
         .parse()
         .unwrap();
-    assert!(!pid_alive(grandchild), "the grandchild {grandchild} survived");
+    assert!(
+        !pid_alive(grandchild),
+        "the grandchild {grandchild} survived"
+    );
     assert_eq!(process::live_group_members(exit.pgid), Vec::<i32>::new());
     // No live process is left in the group: signalling it either finds nobody or only zombies
     // waiting for their reaper.
@@ -121,7 +124,10 @@ async fn a_step_that_exits_leaves_nothing_running_behind() {
         .trim()
         .parse()
         .unwrap();
-    assert!(!pid_alive(stray), "the background process {stray} survived its step");
+    assert!(
+        !pid_alive(stray),
+        "the background process {stray} survived its step"
+    );
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("done\n"), "{text}");
     assert!(text.contains("left processes running"), "{text}");
@@ -275,7 +281,8 @@ impl JobApi for FakeServer {
 
     async fn update_step(&self, index: u32, update: StepUpdate) -> Result<(), ClientError> {
         let mut s = self.state.lock().unwrap();
-        s.calls.push(format!("step {index} {}", update.status.as_str()));
+        s.calls
+            .push(format!("step {index} {}", update.status.as_str()));
         if s.lease_gone {
             return Err(api_error(409));
         }
@@ -427,7 +434,10 @@ async fn a_successful_job_heartbeats_first_and_reports_everything() {
     assert_eq!(s.calls.last().map(String::as_str), Some("complete"));
     drop(s);
     let log = h.server.log();
-    assert!(log.contains("job=deploy run=7 sha=abc123 ci=true ns=web"), "{log}");
+    assert!(
+        log.contains("job=deploy run=7 sha=abc123 ci=true ns=web"),
+        "{log}"
+    );
     assert!(log.contains("▶ Step 1/2: step 1"), "{log}");
     assert!(log.contains("✔ Step 2/2 succeeded in"), "{log}");
     // Each expanded value is one argument, never split or run by a shell.
@@ -446,13 +456,13 @@ async fn a_successful_job_heartbeats_first_and_reports_everything() {
         assert_eq!(updates[0].status, StepStatus::Running);
         assert_eq!(updates[1].status, StepStatus::Succeeded);
         assert_eq!(updates[1].exit_code, Some(0));
-        let (start, end) = (updates[0].log_offset as usize, updates[1].log_offset as usize);
+        let (start, end) = (
+            updates[0].log_offset as usize,
+            updates[1].log_offset as usize,
+        );
         let bytes = &h.server.state.lock().unwrap().log[start..end];
         let text = String::from_utf8_lossy(bytes);
-        assert!(
-            text.contains(&format!("▶ Step {}/2", index + 1)),
-            "{text}"
-        );
+        assert!(text.contains(&format!("▶ Step {}/2", index + 1)), "{text}");
         assert!(
             text.contains(&format!("✔ Step {}/2 succeeded in", index + 1)),
             "{text}"
@@ -482,7 +492,10 @@ async fn a_failure_skips_later_steps_and_runs_the_failure_steps() {
         }
     );
     let log = h.server.log();
-    assert!(log.contains("✘ Step 1/4 failed with exit code 3 in"), "{log}");
+    assert!(
+        log.contains("✘ Step 1/4 failed with exit code 3 in"),
+        "{log}"
+    );
     assert!(!log.contains("\nnever"), "{log}");
     assert!(log.contains("rolling back"), "{log}");
     assert!(log.contains("always here"), "{log}");
@@ -520,7 +533,10 @@ async fn an_undefined_variable_fails_the_step_with_a_clear_line() {
         "{outcome:?}"
     );
     let log = h.server.log();
-    assert!(log.contains("`${NOPE}` in argument `${NOPE}` is not defined"), "{log}");
+    assert!(
+        log.contains("`${NOPE}` in argument `${NOPE}` is not defined"),
+        "{log}"
+    );
     assert_eq!(h.server.final_status(0), Some(StepStatus::Failed));
     assert_eq!(h.server.final_status(1), Some(StepStatus::Succeeded));
     assert_eq!(h.server.final_status(2), Some(StepStatus::Skipped));
@@ -644,7 +660,12 @@ async fn a_cancel_stops_the_step_and_still_runs_always_steps() {
     );
     let server = h.server.clone();
     let canceller = tokio::spawn(async move {
-        assert!(eventually(Duration::from_secs(20), || server.log().contains("started\n")).await);
+        assert!(
+            eventually(Duration::from_secs(20), || server
+                .log()
+                .contains("started\n"))
+            .await
+        );
         server.state.lock().unwrap().cancel_requested = true;
     });
     let outcome = h.execute(j).await;
@@ -657,7 +678,10 @@ async fn a_cancel_stops_the_step_and_still_runs_always_steps() {
         }
     );
     let log = h.server.log();
-    assert!(log.contains("The job was cancelled: stopping the step"), "{log}");
+    assert!(
+        log.contains("The job was cancelled: stopping the step"),
+        "{log}"
+    );
     assert!(log.contains("cleaning up"), "{log}");
     assert_eq!(h.server.final_status(0), Some(StepStatus::Cancelled));
     assert_eq!(h.server.final_status(1), Some(StepStatus::Skipped));
@@ -670,7 +694,10 @@ async fn timeouts_stop_steps_and_the_job() {
     let mut slow = run(0, "echo slow; sleep 300");
     slow.timeout_secs = Some(1);
     let j = job(
-        vec![slow, with_when(run(1, "echo after timeout"), When::OnFailure)],
+        vec![
+            slow,
+            with_when(run(1, "echo after timeout"), When::OnFailure),
+        ],
         &[],
     );
     let outcome = h.execute(j).await;
@@ -723,7 +750,12 @@ async fn a_lost_lease_kills_the_step_and_reports_nothing_more() {
     );
     let server = h.server.clone();
     let loser = tokio::spawn(async move {
-        assert!(eventually(Duration::from_secs(20), || server.log().contains("started\n")).await);
+        assert!(
+            eventually(Duration::from_secs(20), || server
+                .log()
+                .contains("started\n"))
+            .await
+        );
         server.state.lock().unwrap().lease_gone = true;
     });
     let began = Instant::now();
@@ -734,9 +766,19 @@ async fn a_lost_lease_kills_the_step_and_reports_nothing_more() {
     assert!(began.elapsed() < Duration::from_secs(60));
     let s = h.server.state.lock().unwrap();
     assert!(s.complete.is_none());
-    assert!(!s.calls.iter().any(|c| c == "complete" || c.starts_with("step 1")), "{:?}", s.calls);
+    assert!(
+        !s.calls
+            .iter()
+            .any(|c| c == "complete" || c.starts_with("step 1")),
+        "{:?}",
+        s.calls
+    );
     drop(s);
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(!pid_alive(pid));
 }
 
@@ -766,7 +808,12 @@ async fn aborting_cancels_the_running_step_and_skips_the_rest() {
     let server = h.server.clone();
     let a = abort.clone();
     let aborter = tokio::spawn(async move {
-        assert!(eventually(Duration::from_secs(20), || server.log().contains("started\n")).await);
+        assert!(
+            eventually(Duration::from_secs(20), || server
+                .log()
+                .contains("started\n"))
+            .await
+        );
         a.cancel();
     });
     let outcome = h.execute_with(j, abort).await;

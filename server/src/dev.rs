@@ -111,11 +111,13 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let creds = runner_credentials(&store, &url, &runner_dir).await?;
     let runner_settings = outpost_runner::Settings::defaults_for(&runner_dir);
     let runner_shutdown = CancellationToken::new();
-    let runner = tokio::spawn(outpost_runner::run(
+    let runner_abort = CancellationToken::new();
+    let mut runner = tokio::spawn(outpost_runner::run_with_abort(
         creds,
         runner_settings,
         outpost_runner::RunOptions { once: false },
         runner_shutdown.clone(),
+        runner_abort.clone(),
     ));
 
     println!(
@@ -135,8 +137,12 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     eprintln!("stopping: letting the running job finish (Ctrl-C again to stop at once)");
     runner_shutdown.cancel();
     tokio::select! {
-        _ = runner => {}
-        _ = wait_for_signal() => {}
+        _ = &mut runner => {}
+        _ = wait_for_signal() => {
+            // A second signal: cancel the running job, let the runner report it, then stop.
+            runner_abort.cancel();
+            let _ = runner.await;
+        }
     }
     shutdown.cancel();
     server.await.context("the server task failed")??;

@@ -197,8 +197,10 @@ impl TestDb {
     /// A new empty database, or `None` when the test should be skipped because PostgreSQL is
     /// not reachable outside CI (in CI that is a failure).
     ///
-    /// ```ignore
-    /// let Some(db) = TestDb::new(backend).await else { return };
+    /// ```no_run
+    /// # async fn scenario(backend: outpost_tests::Backend) {
+    /// let Some(db) = outpost_tests::TestDb::new(backend).await else { return };
+    /// # }
     /// ```
     pub async fn new(backend: Backend) -> Option<TestDb> {
         match backend {

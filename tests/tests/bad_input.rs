@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use outpost_tests::outpost_protocol::ErrorBody;
+use outpost_tests::outpost_protocol::{CompleteRequest, ErrorBody, JobStatus, RegisterRequest};
 use outpost_tests::{Backend, Scope, TestServer, backend_tests, expect_status, test_db};
 use reqwest::StatusCode;
 
@@ -210,10 +210,58 @@ async fn tokens_are_checked(backend: Backend) {
         .expect("the run lists its job")
         .id;
     let status = expect_status(
+        admin
+            .register(&RegisterRequest {
+                name: "impostor".into(),
+                labels: vec!["e2e".into()],
+                version: String::new(),
+                os: String::new(),
+                arch: String::new(),
+            })
+            .await,
+        "register with an admin token",
+    );
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "register with an admin token"
+    );
+    // A per-job route takes only the job's current lease. The server cannot tell an admin token
+    // from a lease that is no longer current, so 409 is as right as 401 here; what matters is
+    // that the call is refused and changes nothing.
+    let status = expect_status(
         admin.heartbeat(job, server.admin_token()).await,
         "heartbeat with an admin token",
     );
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        status == StatusCode::UNAUTHORIZED || status == StatusCode::CONFLICT,
+        "heartbeat with an admin token answered {status}"
+    );
+    let status = expect_status(
+        admin
+            .complete(
+                job,
+                server.admin_token(),
+                &CompleteRequest {
+                    status: JobStatus::Succeeded,
+                    exit_code: Some(0),
+                },
+            )
+            .await,
+        "complete with an admin token",
+    );
+    assert!(
+        status == StatusCode::UNAUTHORIZED || status == StatusCode::CONFLICT,
+        "complete with an admin token answered {status}"
+    );
+    let untouched = admin.get_job(job).await.expect("GET job");
+    assert_eq!(untouched.status, JobStatus::Queued, "{untouched:#?}");
+    assert_eq!(untouched.runner_id, None);
+    let runners = admin.list_runners().await.expect("GET runners");
+    assert!(
+        runners.runners.is_empty(),
+        "no runner was registered: {runners:?}"
+    );
     let resp = server
         .http()
         .post(server.api("/api/v1/runner/acquire"))

@@ -41,14 +41,19 @@ async fn long_poll_wakes_on_trigger(backend: Backend) {
         (Instant::now(), answer)
     });
 
-    // Trigger once the server has seen the long poll arrive (it updates the runner's last_seen_at).
-    // If the server does not record that, the wait ends after two seconds and the trigger goes
-    // out anyway: the acquire is then in its wait all the same.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // The scenario is "a runner that has been waiting, then a trigger": the job must reach the
+    // poll through its wake-up, not through the claim it makes on arrival. So the trigger goes
+    // out once the server has seen the poll arrive (it updates the runner's last_seen_at) and the
+    // poll has been open for half a second, far longer than handling its arrival takes.
+    // If the server does not record last_seen_at, the trigger goes out after two seconds.
+    const HELD: Duration = Duration::from_millis(500);
+    let deadline = started + Duration::from_secs(2);
     let mut arrived = false;
     while Instant::now() < deadline && !acquire.is_finished() {
-        if last_seen(&client, fake.id).await > seen_before {
+        if !arrived && last_seen(&client, fake.id).await > seen_before {
             arrived = true;
+        }
+        if arrived && started.elapsed() >= HELD {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -63,6 +63,13 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .nest("/api/v1", api)
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not accept that method",
+            )
+        })
         .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)

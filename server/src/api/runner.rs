@@ -129,7 +129,7 @@ pub async fn update_step(
     let id = parse_id(&id, "job")?;
     let index: u32 = index
         .parse()
-        .map_err(|_| ApiError::not_found(format!("step {index} not found")))?;
+        .map_err(|_| ApiError::bad_request(format!("{index} is not a step index")))?;
     let update: StepUpdate = body.json_required()?;
     state
         .store

@@ -202,7 +202,7 @@ impl Store {
                     .rows_affected()
                 };
                 if n == 0 {
-                    Err(StoreError::NotFound(format!("step {index} of job {job_id}")))
+                    Err(StoreError::Invalid(format!("job {job_id} has no step {index}")))
                 } else {
                     tx.commit().await?;
                     Ok(true)
