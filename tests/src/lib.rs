@@ -90,6 +90,8 @@ fn outpost_command(name: &str) -> Command {
             cmd.env_remove(key);
         }
     }
+    // Plain text: the output ends up in test reports, not on a terminal.
+    cmd.env("NO_COLOR", "1");
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
@@ -607,8 +609,8 @@ async fn run_cli(mut cmd: Command, what: &str) -> String {
     };
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if test_log_enabled() {
-        eprintln!("[{what}] stderr:\n{stderr}");
+    if test_log_enabled() && !stderr.trim().is_empty() {
+        eprintln!("[{what}] {}", stderr.trim_end());
     }
     assert!(
         out.status.success(),

@@ -52,6 +52,12 @@ async fn expired_lease_is_fenced_off(backend: Backend) {
         .await
         .expect("first heartbeat");
     assert!(!beat.cancel_requested);
+    assert!(
+        beat.expires_at >= acquired.lease.expires_at,
+        "a heartbeat renews the lease: {} then {}",
+        acquired.lease.expires_at,
+        beat.expires_at
+    );
     fake.client
         .update_step(
             job_id,

@@ -1,7 +1,7 @@
 //! A runner that dies mid-job leaves the job `lost`, and the job is not run again.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outpost_tests::outpost_protocol::{JobStatus, RunStatus};
 use outpost_tests::{
@@ -49,9 +49,16 @@ impl Drop for StepReaper<'_> {
     }
 }
 
+/// Short, so that a dead runner's lease runs out within the test.
+const LEASE_SECS: u64 = 2;
+
 async fn killed_runner_leaves_job_lost(backend: Backend) {
     let db = test_db!(backend);
-    let server = TestServer::start(&db, &[("OUTPOST__QUEUE__LEASE_SECS", "3")]).await;
+    let server = TestServer::start(
+        &db,
+        &[("OUTPOST__QUEUE__LEASE_SECS", &LEASE_SECS.to_string())],
+    )
+    .await;
     let client = server.client();
     let scratch = scratch_dir();
     let file = scratch.path().join("executions.txt");
@@ -79,6 +86,19 @@ async fn killed_runner_leaves_job_lost(backend: Backend) {
     let doomed_id = doomed.id().await;
     let running = client.get_run(run.id).await.expect("GET run");
     let job_id = job(&running, "deploy").id;
+
+    // While its runner lives, the job outlives several lease lengths: the heartbeats renew it.
+    // This is an observation over a window, not a wait for something to happen.
+    let alive_until = Instant::now() + Duration::from_secs(2 * LEASE_SECS + 1);
+    while Instant::now() < alive_until {
+        let seen = client.get_job(job_id).await.expect("GET job");
+        assert_eq!(
+            seen.status,
+            JobStatus::Running,
+            "a heartbeating runner keeps its job: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     doomed.kill().await;
 
     let lost = wait_for_job_status(&client, job_id, JobStatus::Lost, Duration::from_secs(30)).await;
