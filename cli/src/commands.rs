@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail};
 use chrono::Utc;
-use outpost_protocol::{ClientError, Job, Run, RunStatus, TriggerRunRequest};
+use outpost_protocol::{ClientError, Job, JobStatus, Run, RunStatus, TriggerRunRequest};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -258,9 +258,14 @@ pub async fn cancel(ctx: &Ctx, id: Uuid) -> anyhow::Result<u8> {
         Ok(run) => {
             if ctx.json() {
                 output::json(&run)?;
+            } else if run.status == RunStatus::Cancelled {
+                output::outln(&format!(
+                    "Run {} #{} is cancelled",
+                    run.pipeline, run.number
+                ))?;
             } else if run.status.is_final() {
                 output::outln(&format!(
-                    "Run {} #{} is {}",
+                    "Run {} #{} had already ended ({}): nothing to cancel",
                     run.pipeline,
                     run.number,
                     run.status.as_str()
@@ -280,8 +285,14 @@ pub async fn cancel(ctx: &Ctx, id: Uuid) -> anyhow::Result<u8> {
         Ok(job) => {
             if ctx.json() {
                 output::json(&job)?;
+            } else if job.status == JobStatus::Cancelled {
+                output::outln(&format!("Job {} is cancelled", job.name))?;
             } else if job.status.is_final() {
-                output::outln(&format!("Job {} is {}", job.name, job.status.as_str()))?;
+                output::outln(&format!(
+                    "Job {} had already ended ({}): nothing to cancel",
+                    job.name,
+                    job.status.as_str()
+                ))?;
             } else {
                 output::outln(&format!(
                     "Cancelling job {} of run {}: it stops shortly",

@@ -156,7 +156,6 @@ impl LogPrinter {
                 "exit_code": end.and_then(|e| e.exit_code),
             })),
             OutputFormat::Table => {
-                self.ensure_line_start()?;
                 let state = match end {
                     Some(e) => describe_end(e.status, e.exit_code),
                     None => format!("is still {}", job.status.as_str()),
@@ -167,6 +166,7 @@ impl LogPrinter {
                     }
                     Ok(())
                 } else {
+                    self.ensure_line_start()?;
                     output::outln(&format!("==> job {} {state}", job.name))
                 }
             }
@@ -437,7 +437,8 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(500));
         assert_eq!(backoff(2), Duration::from_secs(1));
         assert_eq!(backoff(4), Duration::from_secs(4));
-        assert_eq!(backoff(5), MAX_BACKOFF);
+        assert_eq!(backoff(5), Duration::from_secs(8));
+        assert_eq!(backoff(6), MAX_BACKOFF);
         assert_eq!(backoff(40), MAX_BACKOFF);
     }
 
