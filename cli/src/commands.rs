@@ -125,6 +125,7 @@ pub async fn run(
         variables,
         git_ref,
         sha,
+        ..Default::default()
     };
     let run = ctx
         .client

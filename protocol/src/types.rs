@@ -239,6 +239,10 @@ pub enum StepAction {
         /// Shallow-clone depth; `None` clones what is needed for the sha.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         depth: Option<u32>,
+        /// The name of the secret (one of the pipeline's `secrets`) that holds the token for a
+        /// private repository; the runner hands it to git through the environment only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_secret: Option<String>,
     },
 }
 
@@ -519,6 +523,12 @@ pub struct TriggerRunRequest {
     /// The commit to work on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha: Option<String>,
+    /// The repository, e.g. `acme/web`, shown with the run and given to steps as `OUTPOST_REPO`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Where `checkout` clones from; the pipeline's `repository` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_url: Option<String>,
 }
 
 /// A run and, where asked for, its jobs.

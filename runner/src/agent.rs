@@ -1,15 +1,20 @@
-//! The runner's main loop: long-poll for a job, run it, repeat; drain on shutdown.
+//! The runner's main loop: long-poll for jobs while fewer than `concurrency` run, run each in its
+//! own task and workspace; drain on shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use outpost_protocol::{Client, ClientError, RegisterRequest};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, error_chain, human};
 use crate::job::{self, ExecConfig, JobOutcome, LeasedJob};
 use crate::settings::{Credentials, Settings};
+use crate::spool;
 
 /// How `run` behaves.
 #[derive(Debug, Clone, Default)]
@@ -102,12 +107,12 @@ pub async fn run(
     run_with_abort(creds, settings, opts, shutdown, CancellationToken::new()).await
 }
 
-/// Pulls jobs and runs them, one at a time.
+/// Pulls jobs and runs up to `concurrency` (a setting) of them at once, each in its own workspace.
 ///
-/// When `shutdown` is cancelled the runner drains: it stops acquiring, lets the running job finish
-/// for up to `drain_grace_secs` (then cancels it), reports it, and returns `Ok`.
-/// When `abort` is cancelled the running job is cancelled at once (its step is stopped, later steps
-/// are skipped), reported `cancelled`, and the runner returns.
+/// When `shutdown` is cancelled the runner drains: it stops acquiring, lets the running jobs finish
+/// for up to `drain_grace_secs` (then cancels them), reports them, and returns `Ok`.
+/// When `abort` is cancelled the running jobs are cancelled at once (their steps are stopped, later
+/// steps are skipped), reported `cancelled`, and the runner returns.
 pub async fn run_with_abort(
     creds: Credentials,
     settings: Settings,
@@ -131,19 +136,44 @@ async fn run_loop(
 ) -> anyhow::Result<()> {
     let client = Client::new(&creds.server_url, Some(creds.runner_token.clone()))
         .context("could not set up the HTTP client")?;
-    let exec = ExecConfig::from_settings(&settings, &creds.name);
+    let exec = Arc::new(ExecConfig::from_settings(&settings, &creds.name));
     let wait = Duration::from_secs(settings.poll_wait_secs.max(1));
     let drain_grace = Duration::from_secs(settings.drain_grace_secs);
+    let concurrency = if opts.once {
+        1
+    } else {
+        settings.concurrency.max(1)
+    };
+    // Spools left behind by a runner that did not stop cleanly belong to jobs that are over.
+    let spool_dir = settings.log_spool_dir();
+    let _ = tokio::task::spawn_blocking(move || spool::remove_stale(&spool_dir)).await;
+
+    // Cancelled by `abort`, or by the end of a drain's grace: every running job is cancelled.
+    let stop_jobs = abort.child_token();
+    let mut jobs: JoinSet<()> = JoinSet::new();
     let mut backoff = Backoff::new();
+    let mut fatal = None;
     tracing::info!(
         server = %creds.server_url,
         labels = ?creds.labels,
+        concurrency,
         "runner started; waiting for jobs"
     );
     loop {
         if shutdown.is_cancelled() || abort.is_cancelled() {
-            tracing::info!("stopping: no job is running");
-            return Ok(());
+            break;
+        }
+        while let Some(done) = jobs.try_join_next() {
+            report_join(done);
+        }
+        // Acquire only while fewer than `concurrency` jobs run.
+        if jobs.len() >= concurrency {
+            tokio::select! {
+                Some(done) = jobs.join_next() => report_join(done),
+                _ = shutdown.cancelled() => {}
+                _ = abort.cancelled() => {}
+            }
+            continue;
         }
         let acquired = tokio::select! {
             r = client.acquire(wait) => r,
@@ -162,9 +192,10 @@ async fn run_loop(
                 continue;
             }
             Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(401)) => {
-                anyhow::bail!(
+                fatal = Some(anyhow::anyhow!(
                     "the server rejected this runner's token (401): the runner was removed or its credentials are stale; register it again with `outpost-runner register`"
-                );
+                ));
+                break;
             }
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -181,54 +212,100 @@ async fn run_loop(
         let job = assignment.job;
         let lease = assignment.lease;
         let span = tracing::info_span!("job", job.id = %job.id, run.id = %job.run_id);
-        let api = LeasedJob::new(&client, job.id, &lease.token);
-        let job_abort = abort.child_token();
-        async {
+        let (client, exec, job_abort) = (client.clone(), exec.clone(), stop_jobs.child_token());
+        let running = jobs.len() + 1;
+        jobs.spawn(
+            async move {
+                tracing::info!(
+                    pipeline = %job.pipeline,
+                    job = %job.name,
+                    run = job.run_number,
+                    steps = job.steps.len(),
+                    running,
+                    "acquired a job"
+                );
+                let api = LeasedJob::new(&client, job.id, &lease.token);
+                let outcome = job::execute(api, job, lease, &exec, job_abort).await;
+                report_outcome(&outcome);
+            }
+            .instrument(span),
+        );
+        if opts.once {
+            break;
+        }
+    }
+
+    // Wait for the running jobs: to their end, unless the drain grace runs out or the runner is
+    // aborted, which cancels them (they are still reported).
+    if jobs.is_empty() && fatal.is_none() {
+        tracing::info!("stopping: no job is running");
+    }
+    let mut grace_over: Option<Instant> = None;
+    while !jobs.is_empty() {
+        if grace_over.is_none() && shutdown.is_cancelled() && !stop_jobs.is_cancelled() {
+            grace_over = Some(Instant::now() + drain_grace);
             tracing::info!(
-                pipeline = %job.pipeline,
-                job = %job.name,
-                run = job.run_number,
-                steps = job.steps.len(),
-                "acquired a job"
+                "draining: no new jobs; {} running job(s) may finish within {} (signal again to cancel them)",
+                jobs.len(),
+                human(drain_grace)
             );
-            let mut running = std::pin::pin!(job::execute(api, job, lease, &exec, job_abort.clone()));
-            let outcome = tokio::select! {
-                o = &mut running => o,
-                _ = shutdown.cancelled() => {
-                    tracing::info!(
-                        "draining: no new jobs; the running job may finish within {} (signal again to cancel it)",
-                        human(drain_grace)
-                    );
-                    tokio::select! {
-                        o = &mut running => o,
-                        _ = tokio::time::sleep(drain_grace) => {
-                            tracing::warn!("the drain grace of {} is over; cancelling the job", human(drain_grace));
-                            job_abort.cancel();
-                            running.await
-                        }
-                    }
+        }
+        tokio::select! {
+            Some(done) = jobs.join_next() => report_join(done),
+            _ = shutdown.cancelled(), if grace_over.is_none() => {}
+            _ = stop_jobs.cancelled() => {
+                // Every job's token is a child of `stop_jobs`: they are being cancelled now.
+                if abort.is_cancelled() {
+                    tracing::warn!("cancelling {} running job(s)", jobs.len());
                 }
-            };
-            match &outcome {
-                JobOutcome::Completed { .. } => {}
-                JobOutcome::NotReported { status, reason } => tracing::error!(
-                    status = status.as_str(),
-                    "the job ended but its result could not be reported: {reason}"
-                ),
-                JobOutcome::LeaseLost => {
-                    tracing::warn!("the job was given up because its lease was lost")
-                }
-                JobOutcome::NotStarted { reason } => {
-                    tracing::warn!("the job was not started: {reason}")
+                while let Some(done) = jobs.join_next().await {
+                    report_join(done);
                 }
             }
+            _ = sleep_until_some(grace_over), if !stop_jobs.is_cancelled() => {
+                tracing::warn!(
+                    "the drain grace of {} is over; cancelling {} running job(s)",
+                    human(drain_grace),
+                    jobs.len()
+                );
+                stop_jobs.cancel();
+            }
         }
-        .instrument(span)
-        .await;
+    }
+    if opts.once && fatal.is_none() && !shutdown.is_cancelled() && !abort.is_cancelled() {
+        tracing::info!("ran one job (--once); stopping");
+    }
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
 
-        if opts.once {
-            tracing::info!("ran one job (--once); stopping");
-            return Ok(());
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn report_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "a job's task ended unexpectedly");
+    }
+}
+
+fn report_outcome(outcome: &JobOutcome) {
+    match outcome {
+        JobOutcome::Completed { .. } => {}
+        JobOutcome::NotReported { status, reason } => tracing::error!(
+            status = status.as_str(),
+            "the job ended but its result could not be reported: {reason}"
+        ),
+        JobOutcome::LeaseLost => {
+            tracing::warn!("the job was given up because its lease was lost")
+        }
+        JobOutcome::NotStarted { reason } => {
+            tracing::warn!("the job was not started: {reason}")
         }
     }
 }

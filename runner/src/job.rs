@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 pub use crate::backoff::lease_is_gone;
 use crate::backoff::{Backoff, error_chain, human};
+use crate::checkout;
 use crate::expand;
 use crate::logs::{self, LogConfig, LogError, LogSink, LogWriter};
 use crate::process::{self, CommandSpec, KillMode, KillTiming};
@@ -149,7 +150,11 @@ impl ExecConfig {
             kill_grace: Duration::from_secs(settings.kill_grace_secs),
             cleanup_budget: Duration::from_secs(5 * 60),
             flush_budget: Duration::from_secs(2 * 60),
-            log: LogConfig::default(),
+            log: LogConfig {
+                spool_dir: Some(settings.log_spool_dir()),
+                spool_max_bytes: settings.log_spool_max_bytes,
+                ..LogConfig::default()
+            },
         }
     }
 }
@@ -231,7 +236,19 @@ pub async fn execute<A: JobApi>(
         )
         .in_current_span(),
     );
-    let (log, uploader) = logs::start(ApiLog(api.clone()), config.log.clone(), lease_lost.clone());
+    // The log masks the job's secrets before anything is buffered, and spools what the server
+    // has not acknowledged beside the workspaces unless configured elsewhere.
+    let mut log_config = config.log.clone();
+    log_config
+        .spool_dir
+        .get_or_insert_with(|| config.work_dir.join(".spool"));
+    let (log, uploader) = logs::start_for_job(
+        ApiLog(api.clone()),
+        log_config,
+        lease_lost.clone(),
+        job.id,
+        &job.secrets,
+    );
     let reporter = StepReporter::start(api.clone(), lease_lost.clone());
     let workspace = config.work_dir.join(job.id.to_string());
 
@@ -596,7 +613,7 @@ impl Verdict {
 
 /// Why a running command was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cause {
+pub(crate) enum Cause {
     StepTimeout,
     JobTimeout,
     CleanupTimeout,
@@ -606,7 +623,7 @@ enum Cause {
 }
 
 /// How one command of a step ended.
-enum CommandEnd {
+pub(crate) enum CommandEnd {
     Exited(i32),
     Stopped(Cause, i32),
     NotStarted(Option<i32>),
@@ -871,8 +888,11 @@ impl JobRun<'_> {
         self.reporter
             .send(step.index, StepStatus::Running, None, offset)
             .await;
-        self.log
-            .line(&format!("\n▶ Step {number}/{total}: {}", step.name));
+        self.log.line(&format!(
+            "\n▶ Step {number}/{total}: {} (started {} UTC)",
+            step.name,
+            chrono::Utc::now().format("%H:%M:%S")
+        ));
         let step_deadline = step.timeout_secs.map(|s| started + Duration::from_secs(s));
 
         let end = match &step.action {
@@ -890,26 +910,52 @@ impl JobRun<'_> {
                 self.run_tool("helm", &program, args, step, step_deadline, phase)
                     .await
             }
-            StepAction::Checkout { path, depth } => {
-                self.checkout(path.as_deref(), *depth, step, step_deadline, phase)
-                    .await
+            StepAction::Checkout {
+                path,
+                depth,
+                token_secret,
+            } => {
+                let (job, config, log) = (self.job, self.config, self.log.clone());
+                let (env, workspace) = (self.env.clone(), self.workspace.clone());
+                let request = checkout::Checkout {
+                    job,
+                    path: path.as_deref(),
+                    depth: *depth,
+                    token_secret: token_secret.as_deref(),
+                    workspace: &workspace,
+                    git: &config.git,
+                    env: &env,
+                };
+                let mut commands = StepCommands {
+                    run: self,
+                    step,
+                    step_deadline,
+                    phase,
+                };
+                StepEnd::from_command(checkout::run(&request, &log, &mut commands).await)
             }
         };
 
         let took = human(started.elapsed());
+        let code = end
+            .exit_code
+            .map(|c| format!(" (exit code {c})"))
+            .unwrap_or_default();
         let line = match (end.status, end.exit_code, end.cause) {
-            (StepStatus::Succeeded, _, _) => format!("✔ Step {number}/{total} succeeded in {took}"),
+            (StepStatus::Succeeded, _, _) => {
+                format!("✔ Step {number}/{total} succeeded in {took}{code}")
+            }
             (StepStatus::Failed, Some(code), _) => {
                 format!("✘ Step {number}/{total} failed with exit code {code} in {took}")
             }
             (StepStatus::Failed, None, _) => format!("✘ Step {number}/{total} failed in {took}"),
             (StepStatus::TimedOut, _, _) => {
-                format!("✘ Step {number}/{total} timed out after {took}")
+                format!("✘ Step {number}/{total} timed out after {took}{code}")
             }
             (_, _, Some(Cause::LeaseLost)) => {
-                format!("✘ Step {number}/{total} was killed after {took}: the lease was lost")
+                format!("✘ Step {number}/{total} was killed after {took}{code}: the lease was lost")
             }
-            _ => format!("✘ Step {number}/{total} was cancelled after {took}"),
+            _ => format!("✘ Step {number}/{total} was cancelled after {took}{code}"),
         };
         self.log.line(&line);
         if end.cause != Some(Cause::LeaseLost) {
@@ -999,109 +1045,6 @@ impl JobRun<'_> {
             env: self.env.clone(),
         };
         StepEnd::from_command(self.command(&spec, step, step_deadline, phase).await)
-    }
-
-    async fn checkout(
-        &mut self,
-        path: Option<&str>,
-        depth: Option<u32>,
-        step: &StepSpec,
-        step_deadline: Option<Instant>,
-        phase: Phase,
-    ) -> StepEnd {
-        let trigger = &self.job.trigger;
-        let (Some(url), Some(sha)) = (
-            trigger.clone_url.as_deref().filter(|s| !s.is_empty()),
-            trigger.sha.as_deref().filter(|s| !s.is_empty()),
-        ) else {
-            self.log.line(
-                "✘ checkout needs a repository and a commit: this run has none (trigger it from a webhook or pass ref/sha)",
-            );
-            return StepEnd::failed(None);
-        };
-        let dir = match path {
-            None => self.workspace.clone(),
-            Some(p) => match relative_inside(p) {
-                Some(rel) => self.workspace.join(rel),
-                None => {
-                    self.log.line(&format!(
-                        "✘ checkout path `{p}` must be a relative path inside the workspace"
-                    ));
-                    return StepEnd::failed(None);
-                }
-            },
-        };
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            self.log
-                .line(&format!("✘ could not create {}: {e}", dir.display()));
-            return StepEnd::failed(None);
-        }
-        let mut env = self.env.clone();
-        env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
-        let git = |args: &[&str]| CommandSpec {
-            program: self.config.git.clone(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            cwd: dir.clone(),
-            env: env.clone(),
-        };
-        let shown_url = redact_userinfo(url);
-        let depth = depth.unwrap_or(1);
-        let depth_arg = depth.to_string();
-        let mut fetch: Vec<&str> = vec!["fetch", "--no-tags"];
-        if depth > 0 {
-            fetch.extend(["--depth", &depth_arg]);
-        }
-        fetch.extend([url, sha]);
-
-        self.log.line("$ git init -q");
-        match self
-            .command(&git(&["init", "-q"]), step, step_deadline, phase)
-            .await
-        {
-            CommandEnd::Exited(0) => {}
-            other => return StepEnd::from_command(other),
-        }
-        let shown_fetch = fetch
-            .iter()
-            .map(|a| if *a == url { shown_url.as_str() } else { a })
-            .collect::<Vec<_>>();
-        self.log
-            .line(&format!("$ git {}", shell_words::join(shown_fetch)));
-        match self.command(&git(&fetch), step, step_deadline, phase).await {
-            CommandEnd::Exited(0) => {}
-            CommandEnd::Exited(_) => {
-                self.log.line(
-                    "⚠ fetching the commit directly failed; fetching the repository's branches and tags instead",
-                );
-                let full = [
-                    "fetch",
-                    "--tags",
-                    url,
-                    "+refs/heads/*:refs/remotes/origin/*",
-                ];
-                self.log.line(&format!(
-                    "$ git fetch --tags {shown_url} '+refs/heads/*:refs/remotes/origin/*'"
-                ));
-                match self.command(&git(&full), step, step_deadline, phase).await {
-                    CommandEnd::Exited(0) => {}
-                    other => return StepEnd::from_command(other),
-                }
-            }
-            other => return StepEnd::from_command(other),
-        }
-        self.log.line(&format!("$ git checkout --detach {sha}"));
-        let checkout = [
-            "-c",
-            "advice.detachedHead=false",
-            "checkout",
-            "-q",
-            "--detach",
-            sha,
-        ];
-        StepEnd::from_command(
-            self.command(&git(&checkout), step, step_deadline, phase)
-                .await,
-        )
     }
 
     /// Runs one command of a step until it exits or something stops it.
@@ -1207,6 +1150,21 @@ impl JobRun<'_> {
     }
 }
 
+/// The commands of a `checkout`, run as parts of its step.
+struct StepCommands<'r, 'a> {
+    run: &'r mut JobRun<'a>,
+    step: &'r StepSpec,
+    step_deadline: Option<Instant>,
+    phase: Phase,
+}
+
+impl checkout::Exec for StepCommands<'_, '_> {
+    fn exec(&mut self, spec: &CommandSpec) -> impl Future<Output = CommandEnd> + Send {
+        self.run
+            .command(spec, self.step, self.step_deadline, self.phase)
+    }
+}
+
 fn write_script(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -1241,33 +1199,6 @@ pub fn builtin_vars(job: &AssignedJob, workspace: &Path) -> Vec<(String, String)
     ]
 }
 
-/// `p` as a relative path that stays inside its base, or `None`.
-fn relative_inside(p: &str) -> Option<PathBuf> {
-    let path = Path::new(p);
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
-/// `https://user:token@host/x` as `https://***@host/x`, so credentials in a clone URL stay out of
-/// the log.
-fn redact_userinfo(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let host_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..host_end].rfind('@') {
-            return format!("{}***{}", &url[..scheme_end + 3], &rest[at..]);
-        }
-    }
-    url.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1278,26 +1209,5 @@ mod tests {
         assert_eq!(heartbeat_interval(60), Duration::from_secs(15));
         assert_eq!(heartbeat_interval(600), Duration::from_secs(15));
         assert_eq!(heartbeat_interval(0), Duration::from_millis(100));
-    }
-
-    #[test]
-    fn checkout_paths_stay_inside_the_workspace() {
-        assert_eq!(relative_inside("src/app"), Some(PathBuf::from("src/app")));
-        assert_eq!(relative_inside("./x"), Some(PathBuf::from("x")));
-        assert_eq!(relative_inside("../x"), None);
-        assert_eq!(relative_inside("/etc"), None);
-    }
-
-    #[test]
-    fn clone_url_credentials_are_redacted() {
-        assert_eq!(
-            redact_userinfo("https://x-access-token:abc@github.com/acme/web.git"),
-            "https://***@github.com/acme/web.git"
-        );
-        assert_eq!(
-            redact_userinfo("https://github.com/acme/web.git"),
-            "https://github.com/acme/web.git"
-        );
-        assert_eq!(redact_userinfo("/srv/git/web"), "/srv/git/web");
     }
 }

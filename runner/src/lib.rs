@@ -7,8 +7,12 @@
 //! Code map:
 //! - [`agent`]: the acquire loop, draining, registration;
 //! - [`job`]: one job from first heartbeat to `complete`, behind the [`job::JobApi`] seam;
+//! - `checkout`: the `checkout` step's git commands, with a private repository's token passed to
+//!   git through its environment only;
 //! - [`process`]: step processes in their own process group, one output pipe, staged kill;
-//! - [`logs`]: the job log buffer and its batching uploader;
+//! - [`logs`]: the job log: masking, the in-memory window and on-disk spool, the batching uploader;
+//! - [`mask`]: secret masking of a stream that arrives in pieces;
+//! - [`spool`]: the bounded on-disk ring of log bytes the server has not acknowledged;
 //! - [`expand`]: `${NAME}` in `kubectl`/`helm` arguments and the `{0}` shell line;
 //! - [`settings`]: `credentials.json` and `runner.toml`.
 //!
@@ -20,11 +24,14 @@
 
 pub mod agent;
 pub mod backoff;
+mod checkout;
 pub mod expand;
 pub mod job;
 pub mod logs;
+pub mod mask;
 pub mod process;
 pub mod settings;
+pub mod spool;
 
 use std::path::PathBuf;
 

@@ -1,17 +1,25 @@
-//! The job log: one ordered byte stream per job, buffered in memory and uploaded in batches.
+//! The job log: one ordered byte stream per job, masked, spooled to disk while the server lags,
+//! and uploaded in batches.
 //!
-//! The executor writes through a [`LogWriter`], which never blocks on the network: bytes go into a
-//! bounded in-memory buffer and a background task ([`LogUploader`]) sends them with
+//! The executor writes through a [`LogWriter`], which never blocks on the network. Every byte goes
+//! through the job's [`Masker`] first, so no secret reaches memory buffers, the spool or the
+//! server. What the server has not acknowledged yet is kept in a small in-memory window and,
+//! beyond that, in a bounded on-disk [`Spool`]. A background task ([`LogUploader`]) sends it with
 //! `append_log(offset, bytes)` in batches of at most [`LogConfig::batch_bytes`], at most once per
 //! [`LogConfig::batch_interval`] unless a full batch is waiting.
-//! The server's acknowledged offset is the source of truth: a `416` resynchronises to the offset the
-//! server reports, transient errors are retried with backoff while the buffer keeps filling, and a
-//! `409` means the lease is lost.
 //!
-//! The interface is deliberately small (`write`, `line`, `offset`, `finish`, `abort`) so that an
-//! on-disk spool and secret masking can be added behind it without touching the executor.
+//! The server's acknowledged offset is the source of truth: a `416` resynchronises to the offset the
+//! server reports, transient errors are retried with backoff while the spool keeps filling, and a
+//! `409` means the lease is lost. Offsets (step reports, [`LogWriter::offset`]) count bytes after
+//! masking.
+//!
+//! When the spool is full, new output is dropped (never old: the server's log stays one contiguous
+//! stream) and counted; once the spool has drained to half its size a line says how much was
+//! dropped and the newest output flows again.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,17 +32,30 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, error_chain, lease_is_gone};
+use crate::mask::{self, Masker};
+use crate::spool::{ReadPlan, Spool};
 
-/// How the log is batched and how much of it may wait in memory.
+/// How long a spool that could not be written is left alone before it is tried again.
+const SPOOL_RETRY: Duration = Duration::from_secs(10);
+
+/// How the log is batched, and where and how much of it may wait for the server.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     /// Largest body of one `append_log` call.
     pub batch_bytes: usize,
-    /// Smallest time between two `append_log` calls, unless a full batch is waiting.
+    /// Smallest time between two `append_log` calls, unless a full batch is waiting; also the
+    /// longest time masking holds back the possible beginning of a secret.
     pub batch_interval: Duration,
-    /// Most bytes held in memory while the server does not acknowledge them; beyond that, output is
+    /// Directory of the on-disk spool (one file per job, removed when the job ends); `None` keeps
+    /// unacknowledged bytes in memory only, up to [`LogConfig::memory_max`].
+    pub spool_dir: Option<PathBuf>,
+    /// Most unacknowledged bytes held (spool and memory together); beyond that, new output is
     /// dropped and a line in the log says how much.
-    pub max_buffered: usize,
+    pub spool_max_bytes: u64,
+    /// Unacknowledged bytes kept in memory before they go to the spool.
+    pub memory_window: usize,
+    /// Most unacknowledged bytes kept in memory when there is no spool or it cannot be written.
+    pub memory_max: usize,
 }
 
 impl Default for LogConfig {
@@ -42,7 +63,10 @@ impl Default for LogConfig {
         Self {
             batch_bytes: 64 * 1024,
             batch_interval: Duration::from_millis(200),
-            max_buffered: 256 * 1024 * 1024,
+            spool_dir: None,
+            spool_max_bytes: 256 * 1024 * 1024,
+            memory_window: 256 * 1024,
+            memory_max: 16 * 1024 * 1024,
         }
     }
 }
@@ -71,51 +95,348 @@ pub enum LogError {
     },
 }
 
+/// What a log needs besides its sink and configuration.
+#[derive(Debug, Default)]
+pub struct LogSetup {
+    /// Bytes of the log the server already holds.
+    pub offset: u64,
+    /// Masks secrets before anything is buffered.
+    pub masker: Masker,
+    /// File name of the spool in [`LogConfig::spool_dir`] (default: a fresh unique name).
+    pub spool_name: Option<String>,
+}
+
+/// Where a log's bytes are, for diagnostics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogStats {
+    /// Bytes produced (after masking): the offset of the next byte.
+    pub produced: u64,
+    /// Bytes the server has acknowledged.
+    pub acknowledged: u64,
+    /// Unacknowledged bytes in memory.
+    pub in_memory: u64,
+    /// Unacknowledged bytes in the spool file.
+    pub spooled: u64,
+    /// Bytes dropped and not yet reported in the log.
+    pub dropped: u64,
+    /// Bytes the masker holds back.
+    pub held: u64,
+}
+
+/// Why output is being dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropping {
+    /// The spool is full.
+    SpoolFull,
+    /// There is no usable spool and the in-memory limit is reached.
+    MemoryFull,
+}
+
+/// Log bytes `[start, end)` the server lost after acknowledging them, which this runner no longer
+/// holds: they are resent as a filler of exactly that length so that later offsets still line up.
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    start: u64,
+    end: u64,
+}
+
+impl Lost {
+    fn filler(&self, from: u64, len: usize) -> Bytes {
+        filler(
+            b"\n[outpost: this part of the log was lost by the server]",
+            self.end - self.start,
+            from - self.start,
+            len,
+        )
+    }
+}
+
+/// `len` bytes from `at` of a filler `total` bytes long: `note`, then spaces, ending in a newline.
+fn filler(note: &[u8], total: u64, at: u64, len: usize) -> Bytes {
+    (at..at + len as u64)
+        .map(|i| {
+            if i + 1 == total {
+                b'\n'
+            } else if (i as usize) < note.len() {
+                note[i as usize]
+            } else {
+                b' '
+            }
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// One batch to send.
+enum Batch {
+    /// Bytes at hand.
+    Ready(u64, Bytes),
+    /// Bytes to read from the spool first.
+    Spooled(u64, ReadPlan),
+}
+
 struct State {
-    /// Bytes produced but not yet acknowledged; the first of them is at offset `acked`.
-    pending: BytesMut,
-    /// Offset the server has acknowledged.
+    /// Offset the server has acknowledged: the first unsent byte.
     acked: u64,
-    /// Bytes refused because the buffer was full, not yet reported in the log.
+    /// Acknowledged bytes the server lost, resent as a filler before anything else.
+    lost: Option<Lost>,
+    /// Unsent bytes after `lost`, on disk.
+    spool: Spool,
+    /// When a spool that failed may be tried again.
+    spool_retry_at: Option<Instant>,
+    /// Whether the job's log already says that the spool failed.
+    spool_failure_reported: bool,
+    /// Unsent bytes after the spool's, in memory; the first of them is at `mem_start`.
+    mem: BytesMut,
+    mem_start: u64,
+    memory_window: usize,
+    memory_max: usize,
+    masker: Masker,
+    /// Since when the masker holds back its oldest held byte.
+    held_since: Option<Instant>,
+    /// Bytes refused, not yet reported in the log.
     dropped: u64,
-    /// Whether the last byte written was a newline (or nothing was written yet).
+    /// Set while output is being dropped.
+    dropping: Option<Dropping>,
+    /// Whether the last byte produced was a newline (or nothing was produced yet).
     at_line_start: bool,
     /// No more writes are accepted; the uploader sends what is left without waiting.
     closed: bool,
+    /// Reused buffer for the masker's output.
+    scratch: Vec<u8>,
 }
 
 impl State {
     fn produced(&self) -> u64 {
-        self.acked + self.pending.len() as u64
+        self.mem_start + self.mem.len() as u64
     }
 
-    fn push(&mut self, data: &[u8]) {
-        if let Some(&last) = data.last() {
-            self.pending.extend_from_slice(data);
-            self.at_line_start = last == b'\n';
+    fn unsent(&self) -> u64 {
+        self.produced() - self.acked
+    }
+
+    /// Unsent bytes this runner stores (the filler of lost bytes is made up on the fly).
+    fn stored(&self) -> u64 {
+        self.spool.len() + self.mem.len() as u64
+    }
+
+    fn spool_usable(&self, now: Instant) -> bool {
+        self.spool.is_enabled() && self.spool_retry_at.is_none_or(|t| now >= t)
+    }
+
+    /// Most bytes that may be stored now.
+    fn limit(&self, now: Instant) -> u64 {
+        let cap = self.spool.capacity();
+        if self.spool_usable(now) {
+            cap
+        } else {
+            cap.min(self.spool.len() + self.memory_max as u64)
         }
     }
 
-    fn push_drop_notice(&mut self, max_buffered: usize) {
+    fn stats(&self) -> LogStats {
+        LogStats {
+            produced: self.produced(),
+            acknowledged: self.acked,
+            in_memory: self.mem.len() as u64,
+            spooled: self.spool.len(),
+            dropped: self.dropped,
+            held: self.masker.held() as u64,
+        }
+    }
+
+    /// Masks `data` and stores what the masker releases; with `flush`, releases everything.
+    fn write(&mut self, data: &[u8], flush: bool, now: Instant) {
+        if !self.masker.is_active() {
+            self.accept(data, now);
+            return;
+        }
+        let before = self.masker.held_range().end;
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        self.masker.push(data, &mut out);
+        if flush {
+            self.masker.flush(&mut out);
+        }
+        self.accept(&out, now);
+        if out.capacity() <= 1024 * 1024 {
+            self.scratch = out;
+        }
+        let held = self.masker.held_range();
+        if held.is_empty() {
+            self.held_since = None;
+        } else if held.start >= before || self.held_since.is_none() {
+            // Everything held back came with this write.
+            self.held_since = Some(now);
+        }
+    }
+
+    /// Releases what the masker holds back.
+    fn release_held(&mut self, now: Instant) {
+        if self.masker.held() > 0 {
+            self.write(&[], true, now);
+        }
+        self.held_since = None;
+    }
+
+    /// Releases what the masker has held back for a whole batch interval.
+    fn release_overdue(&mut self, now: Instant, interval: Duration) {
+        if self.held_since.is_some_and(|t| now >= t + interval) {
+            self.release_held(now);
+        }
+    }
+
+    /// Stores masked output, or drops and counts what does not fit.
+    fn accept(&mut self, data: &[u8], now: Instant) {
+        if data.is_empty() {
+            return;
+        }
+        let limit = self.limit(now);
+        if self.dropping.is_some() {
+            // Resume only once there is room for a good stretch, not for every batch that leaves.
+            if self.stored() > limit / 2 {
+                self.dropped += data.len() as u64;
+                return;
+            }
+            self.push_drop_note();
+        }
+        let room = limit.saturating_sub(self.stored());
+        let take = room.min(data.len() as u64) as usize;
+        if take > 0 {
+            self.append(&data[..take], now);
+        }
+        if take < data.len() {
+            self.dropped += (data.len() - take) as u64;
+            if self.dropping.is_none() {
+                self.dropping = Some(if self.spool_usable(now) {
+                    Dropping::SpoolFull
+                } else {
+                    Dropping::MemoryFull
+                });
+                tracing::warn!(
+                    limit,
+                    "the job's log cannot be uploaded fast enough and its buffer is full; dropping new output until it drains"
+                );
+            }
+        }
+    }
+
+    /// Writes the line that says how much output was dropped, if any was.
+    fn push_drop_note(&mut self) {
+        let why = self.dropping.take();
         if self.dropped == 0 {
             return;
         }
-        let notice = format!(
-            "{}⚠ {} bytes of output were dropped here: the runner could not upload the log fast enough (it buffers at most {} bytes)\n",
+        let why = match why {
+            Some(Dropping::MemoryFull) if self.spool.is_enabled() => {
+                "the spool on disk could not be written and the in-memory buffer was full"
+            }
+            Some(Dropping::MemoryFull) => "the in-memory buffer was full",
+            _ => "spool full",
+        };
+        let note = format!(
+            "{}[outpost] {} bytes of output were dropped while the server was unreachable ({why})\n",
             if self.at_line_start { "" } else { "\n" },
             self.dropped,
-            max_buffered
         );
         self.dropped = 0;
-        self.push(notice.as_bytes());
+        self.append(note.as_bytes(), Instant::now());
+    }
+
+    /// Appends masked bytes, moving the in-memory window to the spool when it is full.
+    fn append(&mut self, data: &[u8], now: Instant) {
+        let Some(&last) = data.last() else {
+            return;
+        };
+        self.mem.extend_from_slice(data);
+        self.at_line_start = last == b'\n';
+        if self.mem.len() > self.memory_window && self.spool_usable(now) {
+            self.spill(now);
+        }
+    }
+
+    fn spill(&mut self, now: Instant) {
+        match self.spool.append(self.mem_start, &self.mem) {
+            Ok(()) => {
+                self.mem_start += self.mem.len() as u64;
+                self.mem.clear();
+                if self.spool_retry_at.take().is_some() {
+                    tracing::info!("the log spool can be written again");
+                }
+            }
+            Err(e) => {
+                self.spool_retry_at = Some(now + SPOOL_RETRY);
+                let path = self
+                    .spool
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                tracing::error!(
+                    path,
+                    error = %e,
+                    "could not write the job's log spool; keeping at most {} bytes of its output in memory until the server catches up",
+                    self.memory_max
+                );
+                if !self.spool_failure_reported {
+                    self.spool_failure_reported = true;
+                    let line = format!(
+                        "{}[outpost] the runner could not write the log spool ({e}); until the server catches up, at most {} bytes of output are kept in memory\n",
+                        if self.at_line_start { "" } else { "\n" },
+                        self.memory_max
+                    );
+                    self.mem.extend_from_slice(line.as_bytes());
+                    self.at_line_start = true;
+                }
+            }
+        }
+    }
+
+    /// The next batch from the acknowledged offset, if anything is unsent.
+    fn next_batch(&self, max: usize) -> Option<Batch> {
+        let at = self.acked;
+        if let Some(lost) = self.lost
+            && at < lost.end
+        {
+            let n = (lost.end - at).min(max as u64) as usize;
+            return Some(Batch::Ready(at, lost.filler(at, n)));
+        }
+        if !self.spool.is_empty() {
+            debug_assert_eq!(at, self.spool.start());
+            return self
+                .spool
+                .read_plan(at, max)
+                .map(|plan| Batch::Spooled(at, plan));
+        }
+        if !self.mem.is_empty() {
+            let skip = at.saturating_sub(self.mem_start) as usize;
+            let n = (self.mem.len() - skip).min(max);
+            return Some(Batch::Ready(
+                at,
+                Bytes::copy_from_slice(&self.mem[skip..skip + n]),
+            ));
+        }
+        None
+    }
+
+    /// Forgets everything before `next`, which the server now holds.
+    fn consume_to(&mut self, next: u64) {
+        self.acked = next;
+        if self.lost.is_some_and(|l| next >= l.end) {
+            self.lost = None;
+        }
+        self.spool.consume_to(next);
+        if next > self.mem_start {
+            let n = ((next - self.mem_start) as usize).min(self.mem.len());
+            self.mem.advance(n);
+            self.mem_start += n as u64;
+        }
     }
 
     /// Moves the acknowledged offset to `next`, which the server reported.
     fn resync(&mut self, next: u64) {
         let produced = self.produced();
         if next >= self.acked && next <= produced {
-            self.pending.advance((next - self.acked) as usize);
-            self.acked = next;
+            self.consume_to(next);
         } else if next > produced {
             // The server holds more than this runner wrote: nothing of ours is missing there.
             tracing::warn!(
@@ -123,26 +444,20 @@ impl State {
                 produced,
                 "the server's log is longer than the runner's; skipping ahead"
             );
-            self.pending.clear();
+            self.lost = None;
+            self.spool.reset(next);
+            self.mem.clear();
+            self.mem_start = next;
             self.acked = next;
         } else {
-            // The server lost bytes it had acknowledged and this runner no longer holds them:
-            // fill the gap with a notice of exactly that length so that later offsets still line up.
-            let gap = (self.acked - next) as usize;
+            // The server lost bytes it had acknowledged and this runner no longer holds them.
             tracing::warn!(
                 server_offset = next,
                 acked = self.acked,
                 "the server lost acknowledged log bytes; filling the gap"
             );
-            let mut filler = b"\n[outpost: this part of the log was lost by the server]".to_vec();
-            filler.resize(gap, b' ');
-            if gap > 0 {
-                filler[gap - 1] = b'\n';
-            }
-            let mut pending = BytesMut::with_capacity(gap + self.pending.len());
-            pending.extend_from_slice(&filler);
-            pending.extend_from_slice(&self.pending);
-            self.pending = pending;
+            let end = self.lost.map_or(self.acked, |l| l.end.max(self.acked));
+            self.lost = Some(Lost { start: next, end });
             self.acked = next;
         }
     }
@@ -151,13 +466,12 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     wake: Notify,
-    max_buffered: usize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves the state consistent (every mutation is
-        // a single step), so a poisoned lock is still usable.
+        // A panic while holding this lock leaves the state consistent enough to go on (the worst
+        // is a batch sent twice, which the server's offsets absorb), so a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -169,51 +483,84 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Appends raw output bytes (a child's stdout and stderr).
+    /// Appends raw output bytes (a child's stdout and stderr), masking secrets.
     ///
-    /// When the buffer is full the bytes that do not fit are dropped and counted; a line saying how
-    /// many is written once there is room again.
+    /// When the spool is full the bytes that do not fit are dropped and counted; a line saying how
+    /// many is written once it has drained.
     pub fn write(&self, data: &[u8]) {
         if data.is_empty() {
             return;
         }
-        let max = self.shared.max_buffered;
         let mut s = self.shared.lock();
         if s.closed {
             return;
         }
-        if s.dropped > 0 && s.pending.len() + data.len() < max {
-            s.push_drop_notice(max);
-        }
-        let room = max.saturating_sub(s.pending.len());
-        let take = room.min(data.len());
-        s.push(&data[..take]);
-        s.dropped += (data.len() - take) as u64;
+        s.write(data, false, Instant::now());
         drop(s);
         self.shared.wake.notify_one();
     }
 
     /// Writes a line of the runner's own, starting a new line first if output left one open.
+    /// Whatever the masker held back is released first, and the line is masked too.
     pub fn line(&self, text: &str) {
-        let needs_newline = !self.shared.lock().at_line_start;
-        let mut s = String::with_capacity(text.len() + 2);
-        if needs_newline {
-            s.push('\n');
+        let mut s = self.shared.lock();
+        if s.closed {
+            return;
         }
-        s.push_str(text);
+        let now = Instant::now();
+        s.release_held(now);
+        let mut line = String::with_capacity(text.len() + 2);
+        if !s.at_line_start {
+            line.push('\n');
+        }
+        line.push_str(text);
         if !text.ends_with('\n') {
-            s.push('\n');
+            line.push('\n');
         }
-        self.write(s.as_bytes());
+        s.write(line.as_bytes(), true, now);
+        drop(s);
+        self.shared.wake.notify_one();
     }
 
-    /// Bytes of log produced so far: the offset the next byte will have.
+    /// Masks `value` (a secret learnt during the job, such as a checkout credential) from now on,
+    /// with the same forms as the job's secrets (lines, base64).
+    pub fn add_secret(&self, name: &str, value: &str) {
+        let (patterns, too_short) = mask::patterns([(name, value)]);
+        warn_too_short(&too_short);
+        let mut s = self.shared.lock();
+        if let Err(e) = s.masker.add(patterns) {
+            tracing::error!("{e}; withholding the rest of the job's output");
+            let now = Instant::now();
+            s.release_held(now);
+            s.masker = Masker::withhold_all();
+        }
+    }
+
+    /// Bytes of log produced so far, after masking: the offset the next byte will have. Bytes the
+    /// masker still holds back (at most the length of the longest secret, and never after a
+    /// [`LogWriter::line`]) are not counted yet.
     pub fn offset(&self) -> u64 {
         self.shared.lock().produced()
     }
+
+    /// Where the log's bytes are.
+    pub fn stats(&self) -> LogStats {
+        self.shared.lock().stats()
+    }
 }
 
-/// The background task that uploads a job's log; dropping it stops the task.
+fn warn_too_short(names: &[String]) {
+    if !names.is_empty() {
+        tracing::warn!(
+            secrets = ?names,
+            "some secret values are shorter than {} bytes and are not masked in the job's log (masking them would destroy it)",
+            mask::MIN_SECRET_LEN
+        );
+    }
+}
+
+/// The background task that uploads a job's log; dropping it stops the task and removes the
+/// spool.
 pub struct LogUploader {
     shared: Arc<Shared>,
     task: Option<JoinHandle<Result<(), LogError>>>,
@@ -224,6 +571,9 @@ impl Drop for LogUploader {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        let mut s = self.shared.lock();
+        s.closed = true;
+        s.spool.remove();
     }
 }
 
@@ -233,7 +583,7 @@ pub fn start<S: LogSink>(
     config: LogConfig,
     lease_lost: CancellationToken,
 ) -> (LogWriter, LogUploader) {
-    start_at(sink, config, lease_lost, 0)
+    start_with(sink, config, lease_lost, LogSetup::default())
 }
 
 /// Like [`start`], for a log the server already holds `offset` bytes of.
@@ -243,16 +593,80 @@ pub fn start_at<S: LogSink>(
     lease_lost: CancellationToken,
     offset: u64,
 ) -> (LogWriter, LogUploader) {
+    start_with(
+        sink,
+        config,
+        lease_lost,
+        LogSetup {
+            offset,
+            ..LogSetup::default()
+        },
+    )
+}
+
+/// A job's log: masks `secrets` (name → value), spools to `<spool_dir>/<job id>.spool`.
+///
+/// Values too short to mask are named once in the runner's own log, never in the job's.
+pub fn start_for_job<S: LogSink>(
+    sink: S,
+    config: LogConfig,
+    lease_lost: CancellationToken,
+    job_id: uuid::Uuid,
+    secrets: &BTreeMap<String, String>,
+) -> (LogWriter, LogUploader) {
+    let (patterns, too_short) =
+        mask::patterns(secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    warn_too_short(&too_short);
+    let masker = Masker::new(patterns).unwrap_or_else(|e| {
+        tracing::error!("{e}; withholding the job's output");
+        Masker::withhold_all()
+    });
+    start_with(
+        sink,
+        config,
+        lease_lost,
+        LogSetup {
+            offset: 0,
+            masker,
+            spool_name: Some(format!("{job_id}.spool")),
+        },
+    )
+}
+
+/// Starts uploading to `sink` with everything spelt out.
+pub fn start_with<S: LogSink>(
+    sink: S,
+    config: LogConfig,
+    lease_lost: CancellationToken,
+    setup: LogSetup,
+) -> (LogWriter, LogUploader) {
+    let spool_path = config.spool_dir.as_ref().map(|dir| {
+        dir.join(
+            setup
+                .spool_name
+                .unwrap_or_else(|| format!("{}.spool", uuid::Uuid::now_v7())),
+        )
+    });
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            pending: BytesMut::new(),
-            acked: offset,
+            acked: setup.offset,
+            lost: None,
+            spool: Spool::new(spool_path, config.spool_max_bytes),
+            spool_retry_at: None,
+            spool_failure_reported: false,
+            mem: BytesMut::new(),
+            mem_start: setup.offset,
+            memory_window: config.memory_window,
+            memory_max: config.memory_max.max(1),
+            masker: setup.masker,
+            held_since: None,
             dropped: 0,
+            dropping: None,
             at_line_start: true,
             closed: false,
+            scratch: Vec::new(),
         }),
         wake: Notify::new(),
-        max_buffered: config.max_buffered.max(1),
     });
     let task = tokio::spawn(upload(shared.clone(), sink, config, lease_lost).in_current_span());
     (
@@ -268,11 +682,14 @@ pub fn start_at<S: LogSink>(
 
 impl LogUploader {
     /// Stops accepting writes and waits up to `within` for the server to acknowledge everything.
+    ///
+    /// What the masker held back is released first (a secret at the very end is masked), and a
+    /// line says how much output was dropped, if any was. The spool is removed either way.
     pub async fn finish(mut self, within: Duration) -> Result<(), LogError> {
         {
             let mut s = self.shared.lock();
-            let max = self.shared.max_buffered;
-            s.push_drop_notice(max);
+            s.release_held(Instant::now());
+            s.push_drop_note();
             s.closed = true;
         }
         self.shared.wake.notify_one();
@@ -284,22 +701,29 @@ impl LogUploader {
             Ok(Err(join)) => {
                 tracing::error!(error = %join, "the log uploader stopped unexpectedly");
                 Err(LogError::TimedOut {
-                    unsent: self.shared.lock().pending.len() as u64,
+                    unsent: self.shared.lock().unsent(),
                 })
             }
             Err(_) => {
                 task.abort();
                 Err(LogError::TimedOut {
-                    unsent: self.shared.lock().pending.len() as u64,
+                    unsent: self.shared.lock().unsent(),
                 })
             }
         }
+        // Dropping `self` removes the spool.
     }
 
     /// Stops at once, discarding what was not uploaded (the lease is lost).
     pub fn abort(self) {
-        self.shared.lock().closed = true;
-        // Dropping `self` stops the task.
+        // Dropping `self` stops the task and removes the spool.
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -310,32 +734,36 @@ async fn upload<S: LogSink>(
     lease_lost: CancellationToken,
 ) -> Result<(), LogError> {
     let batch_bytes = config.batch_bytes.max(1);
+    let interval = config.batch_interval;
     let mut backoff = Backoff::new();
     let mut last_send: Option<Instant> = None;
     loop {
-        // Wait for something to send.
+        // Wait for something to send; what the masker held back goes once it waited an interval.
         loop {
-            {
-                let s = shared.lock();
-                if !s.pending.is_empty() {
+            let release_at = {
+                let mut s = shared.lock();
+                s.release_overdue(Instant::now(), interval);
+                if s.unsent() > 0 {
                     break;
                 }
                 if s.closed {
                     return Ok(());
                 }
-            }
+                s.held_since.map(|t| t + interval)
+            };
             tokio::select! {
                 _ = shared.wake.notified() => {}
+                _ = sleep_until_some(release_at) => {}
                 _ = lease_lost.cancelled() => return Err(LogError::LeaseLost),
             }
         }
         // Let a batch gather until it is full, the interval has passed, or the log is closing.
         if let Some(last) = last_send {
-            let due = last + config.batch_interval;
+            let due = last + interval;
             loop {
                 {
                     let s = shared.lock();
-                    if s.pending.len() >= batch_bytes || s.closed {
+                    if s.unsent() >= batch_bytes as u64 || s.closed {
                         break;
                     }
                 }
@@ -349,10 +777,29 @@ async fn upload<S: LogSink>(
                 }
             }
         }
-        let (offset, batch) = {
-            let s = shared.lock();
-            let n = s.pending.len().min(batch_bytes);
-            (s.acked, Bytes::copy_from_slice(&s.pending[..n]))
+        let batch = {
+            let mut s = shared.lock();
+            s.release_overdue(Instant::now(), interval);
+            s.next_batch(batch_bytes)
+        };
+        let (offset, batch) = match batch {
+            None => continue,
+            Some(Batch::Ready(offset, bytes)) => (offset, bytes),
+            Some(Batch::Spooled(offset, plan)) => {
+                let len = plan.len();
+                let read = tokio::task::spawn_blocking(move || plan.read()).await;
+                match read {
+                    Ok(Ok(bytes)) => (offset, Bytes::from(bytes)),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "could not read the job's log spool back; {len} bytes of the log are lost");
+                        (offset, unreadable(len))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not read the job's log spool back; {len} bytes of the log are lost");
+                        (offset, unreadable(len))
+                    }
+                }
+            }
         };
         let sent_up_to = offset + batch.len() as u64;
         last_send = Some(Instant::now());
@@ -417,10 +864,20 @@ async fn upload<S: LogSink>(
     }
 }
 
+/// A stand-in of `len` bytes for a stretch of the spool that could not be read back.
+fn unreadable(len: usize) -> Bytes {
+    filler(
+        b"\n[outpost: this part of the log could not be read back from the runner's spool]",
+        len as u64,
+        0,
+        len,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     fn api_error(code: u16, next_offset: Option<u64>) -> ClientError {
         ClientError::Api {
@@ -438,6 +895,19 @@ mod tests {
         batches: Arc<Mutex<Vec<usize>>>,
         /// Fail this many calls with a 503 before accepting.
         fail_first: Arc<AtomicUsize>,
+        /// Store only the first half of each batch (a server that acknowledges less than sent).
+        half: Arc<AtomicBool>,
+    }
+
+    impl FakeServer {
+        fn unreachable(&self, yes: bool) {
+            self.fail_first
+                .store(if yes { usize::MAX } else { 0 }, Ordering::SeqCst);
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+        }
     }
 
     impl LogSink for FakeServer {
@@ -455,9 +925,14 @@ mod tests {
                 return Err(api_error(416, Some(len)));
             }
             self.batches.lock().unwrap().push(data.len());
+            let take = if self.half.load(Ordering::SeqCst) {
+                data.len().div_ceil(2)
+            } else {
+                data.len()
+            };
             let skip = (len - offset) as usize;
-            if skip < data.len() {
-                log.extend_from_slice(&data[skip..]);
+            if skip < take {
+                log.extend_from_slice(&data[skip..take]);
             }
             Ok(log.len() as u64)
         }
@@ -465,10 +940,52 @@ mod tests {
 
     fn fast() -> LogConfig {
         LogConfig {
-            batch_bytes: 64 * 1024,
             batch_interval: Duration::from_millis(20),
-            max_buffered: 256 * 1024 * 1024,
+            ..LogConfig::default()
         }
+    }
+
+    fn masked(secrets: &[&str]) -> LogSetup {
+        let (p, _) = mask::patterns(secrets.iter().map(|s| ("S", *s)));
+        LogSetup {
+            masker: Masker::new(p).unwrap(),
+            ..LogSetup::default()
+        }
+    }
+
+    async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while !check() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    fn sha256(data: &[u8]) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(data))
+    }
+
+    /// Lines of varied text, `n` bytes in all, that contain no secret.
+    fn text(n: usize, tag: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 100);
+        let mut i = 0u64;
+        while out.len() < n {
+            let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            out.extend_from_slice(
+                format!(
+                    "{tag} line {i} {x:016x} {}\n",
+                    "=".repeat((x % 97) as usize)
+                )
+                .as_bytes(),
+            );
+            i += 1;
+        }
+        out.truncate(n);
+        out
     }
 
     #[tokio::test]
@@ -495,10 +1012,7 @@ mod tests {
         }
         uploader.finish(Duration::from_secs(30)).await.unwrap();
         let expected: String = (0..100).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(
-            String::from_utf8(server.log.lock().unwrap().clone()).unwrap(),
-            expected
-        );
+        assert_eq!(server.text(), expected);
     }
 
     #[tokio::test]
@@ -540,23 +1054,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_buffer_drops_output_and_says_so() {
+    async fn a_full_memory_buffer_drops_output_and_says_so() {
         let server = FakeServer::default();
         // Keep the server failing so that nothing is acknowledged while writing.
-        server.fail_first.store(usize::MAX, Ordering::SeqCst);
+        server.unreachable(true);
         let config = LogConfig {
-            max_buffered: 1000,
+            memory_max: 1000,
             ..fast()
         };
         let (writer, uploader) = start(server.clone(), config, CancellationToken::new());
         writer.write(&[b'a'; 600]);
         writer.write(&[b'b'; 600]);
         assert_eq!(writer.offset(), 1000);
-        server.fail_first.store(0, Ordering::SeqCst);
+        server.unreachable(false);
         uploader.finish(Duration::from_secs(60)).await.unwrap();
-        let log = String::from_utf8(server.log.lock().unwrap().clone()).unwrap();
+        let log = server.text();
         assert!(log.starts_with(&"a".repeat(600)));
-        assert!(log.contains("200 bytes of output were dropped"), "{log}");
+        assert!(
+            log.contains(
+                "[outpost] 200 bytes of output were dropped while the server was unreachable (the in-memory buffer was full)"
+            ),
+            "{log}"
+        );
     }
 
     #[tokio::test]
@@ -571,5 +1090,211 @@ mod tests {
             &*server.log.lock().unwrap(),
             b"no newline\nrunner says\nagain\n"
         );
+    }
+
+    #[tokio::test]
+    async fn secrets_are_masked_and_offsets_count_masked_bytes() {
+        let server = FakeServer::default();
+        let setup = masked(&["hunter2-pass", "line-one\nline-two"]);
+        let (writer, uploader) =
+            start_with(server.clone(), fast(), CancellationToken::new(), setup);
+        writer.write(b"pw=hunter2-");
+        writer.write(b"pass\n");
+        assert_eq!(writer.offset(), b"pw=***\n".len() as u64);
+        writer.write(b"key:\nline-one\n");
+        writer.write(b"line-two\n");
+        writer.line("$ kubectl --token hunter2-pass");
+        // A secret as the very last output is masked when the log is finished.
+        writer.write(b"end hunter2-pa");
+        writer.write(b"ss");
+        uploader.finish(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(
+            server.text(),
+            "pw=***\nkey:\n***\n$ kubectl --token ***\nend ***"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_back_prefix_goes_out_within_the_batch_interval() {
+        let server = FakeServer::default();
+        let config = LogConfig {
+            batch_interval: Duration::from_millis(200),
+            ..LogConfig::default()
+        };
+        let (writer, uploader) = start_with(
+            server.clone(),
+            config,
+            CancellationToken::new(),
+            masked(&["secret-value"]),
+        );
+        writer.write(b"progress: secret-");
+        // Not the whole secret, and no more output: it must still show up, once the interval
+        // has passed, without waiting for the job to end.
+        assert!(
+            eventually(Duration::from_secs(10), || server.text()
+                == "progress: secret-")
+            .await,
+            "{:?}",
+            server.text()
+        );
+        // Its end, when it comes after the release, is still masked.
+        writer.write(b"value!\n");
+        uploader.finish(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(server.text(), "progress: secret-***!\n");
+    }
+
+    #[tokio::test]
+    async fn a_2_mib_line_with_a_secret_goes_through_masked() {
+        let server = FakeServer::default();
+        let (writer, uploader) = start_with(
+            server.clone(),
+            fast(),
+            CancellationToken::new(),
+            masked(&["middle-secret"]),
+        );
+        let mut line = vec![b'x'; 1024 * 1024];
+        line.extend_from_slice(b"middle-secret");
+        line.extend_from_slice(&[b'y'; 1024 * 1024]);
+        for chunk in line.chunks(64 * 1024) {
+            writer.write(chunk);
+        }
+        uploader.finish(Duration::from_secs(60)).await.unwrap();
+        let log = server.log.lock().unwrap();
+        assert_eq!(log.len(), 2 * 1024 * 1024 + 3);
+        assert_eq!(&log[1024 * 1024..1024 * 1024 + 3], b"***");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_spools_to_disk_and_resumes_from_its_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = FakeServer::default();
+        server.unreachable(true);
+        let config = LogConfig {
+            spool_dir: Some(tmp.path().join("spool")),
+            ..fast()
+        };
+        let window = config.memory_window as u64;
+        let (writer, uploader) = start_with(
+            server.clone(),
+            config,
+            CancellationToken::new(),
+            LogSetup {
+                spool_name: Some("job.spool".into()),
+                ..LogSetup::default()
+            },
+        );
+        let spool_file = tmp.path().join("spool/job.spool");
+        let data = text(40 * 1024 * 1024, "out");
+        for chunk in data.chunks(64 * 1024) {
+            writer.write(chunk);
+            let stats = writer.stats();
+            assert!(stats.in_memory <= window + 64 * 1024, "{stats:?}");
+        }
+        let stats = writer.stats();
+        assert_eq!(stats.produced, data.len() as u64);
+        assert_eq!(stats.acknowledged, 0);
+        assert!(stats.spooled > 39 * 1024 * 1024, "{stats:?}");
+        assert!(std::fs::metadata(&spool_file).unwrap().len() >= stats.spooled);
+
+        // Reachable again, but taking only half of each batch: the runner resends from the
+        // offset the server acknowledged.
+        server.half.store(true, Ordering::SeqCst);
+        server.unreachable(false);
+        assert!(
+            eventually(Duration::from_secs(120), || writer.stats().acknowledged
+                > 8 * 1024 * 1024)
+            .await
+        );
+        server.half.store(false, Ordering::SeqCst);
+        uploader.finish(Duration::from_secs(120)).await.unwrap();
+        let log = server.log.lock().unwrap();
+        assert_eq!(log.len(), data.len());
+        assert_eq!(sha256(&log), sha256(&data));
+        assert!(!spool_file.exists(), "the spool was not removed");
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_drops_the_newest_output_and_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = FakeServer::default();
+        server.unreachable(true);
+        let config = LogConfig {
+            spool_dir: Some(tmp.path().to_path_buf()),
+            spool_max_bytes: 1024 * 1024,
+            memory_window: 16 * 1024,
+            ..fast()
+        };
+        let (writer, uploader) = start(server.clone(), config, CancellationToken::new());
+        let before = text(3 * 1024 * 1024, "old");
+        for chunk in before.chunks(4096) {
+            writer.write(chunk);
+        }
+        let stats = writer.stats();
+        assert_eq!(stats.produced, 1024 * 1024);
+        assert_eq!(stats.dropped, 2 * 1024 * 1024);
+        server.unreachable(false);
+        assert!(eventually(Duration::from_secs(60), || writer.stats().spooled == 0).await);
+        let after = text(100 * 1024, "new");
+        writer.write(&after);
+        uploader.finish(Duration::from_secs(60)).await.unwrap();
+        let log = server.log.lock().unwrap().clone();
+        let kept = &before[..1024 * 1024];
+        let note = format!(
+            "{}[outpost] {} bytes of output were dropped while the server was unreachable (spool full)\n",
+            if kept.ends_with(b"\n") { "" } else { "\n" },
+            2 * 1024 * 1024
+        );
+        let mut expected = kept.to_vec();
+        expected.extend_from_slice(note.as_bytes());
+        expected.extend_from_slice(&after);
+        assert_eq!(log.len(), expected.len());
+        assert!(
+            log == expected,
+            "the delivered log is not the expected stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_keeps_the_job_running_and_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", tmp.path().join("job.spool")).unwrap();
+        let server = FakeServer::default();
+        server.unreachable(true);
+        let config = LogConfig {
+            spool_dir: Some(tmp.path().to_path_buf()),
+            memory_window: 16 * 1024,
+            ..fast()
+        };
+        let (writer, uploader) = start_with(
+            server.clone(),
+            config,
+            CancellationToken::new(),
+            LogSetup {
+                spool_name: Some("job.spool".into()),
+                ..LogSetup::default()
+            },
+        );
+        let data = text(1024 * 1024, "out");
+        for chunk in data.chunks(4096) {
+            writer.write(chunk);
+        }
+        server.unreachable(false);
+        uploader.finish(Duration::from_secs(60)).await.unwrap();
+        let log = server.text();
+        assert!(
+            log.contains(
+                "[outpost] the runner could not write the log spool (No space left on device"
+            ),
+            "{}",
+            &log[..log.len().min(2000)]
+        );
+        // Nothing was lost: memory took over. Without the notice (and the line break before it,
+        // if one was added), the log is exactly the output.
+        let data = String::from_utf8(data).unwrap();
+        let at = log.find("[outpost]").unwrap();
+        let end = at + log[at..].find('\n').unwrap() + 1;
+        let without = format!("{}{}", &log[..at], &log[end..]);
+        let without_break = format!("{}{}", &log[..at - 1], &log[end..]);
+        assert!(without == data || without_break == data);
     }
 }

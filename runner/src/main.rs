@@ -26,7 +26,7 @@ enum Command {
     /// Register this runner with a server and save its credentials in the config dir.
     Register(RegisterArgs),
     /// Pull jobs from the server and run them until stopped (SIGTERM or Ctrl-C drains; a second
-    /// signal cancels the running job).
+    /// signal cancels the running jobs).
     Run(RunArgs),
 }
 
@@ -82,6 +82,10 @@ struct RunArgs {
     /// Run one job, then exit (for ephemeral machines).
     #[arg(long)]
     once: bool,
+    /// Run up to N jobs at once, each in its own workspace [default: the `concurrency` setting,
+    /// else 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: Option<u16>,
 }
 
 #[tokio::main]
@@ -142,7 +146,10 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dir = args.config.resolve()?;
     let creds = Credentials::load(&dir)?;
-    let settings = Settings::load(&dir)?;
+    let mut settings = Settings::load(&dir)?;
+    if let Some(n) = args.concurrency {
+        settings.concurrency = n.into();
+    }
     let shutdown = CancellationToken::new();
     let abort = CancellationToken::new();
     let mut sigterm = signal(SignalKind::terminate()).context("could not listen for SIGTERM")?;
@@ -155,7 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => "SIGINT",
         };
         tracing::info!(
-            "received {name}: stopping; a running job may finish first (up to {}), send the signal again to cancel it",
+            "received {name}: stopping; running jobs may finish first (up to {}), send the signal again to cancel them",
             outpost_runner::backoff::human(std::time::Duration::from_secs(drain_grace))
         );
         drain.cancel();
@@ -163,14 +170,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",
         };
-        tracing::warn!("received {name} again: cancelling the running job");
+        tracing::warn!("received {name} again: cancelling the running jobs");
         stop.cancel();
         loop {
             tokio::select! {
                 _ = sigterm.recv() => {}
                 _ = sigint.recv() => {}
             }
-            tracing::warn!("already stopping: the job is being cancelled and reported");
+            tracing::warn!("already stopping: the jobs are being cancelled and reported");
         }
     });
     outpost_runner::run_with_abort(

@@ -140,6 +140,16 @@ pub struct Settings {
     /// After `SIGTERM`, how long the running job may take to finish before it is cancelled, in
     /// seconds. Default: 3600.
     pub drain_grace_secs: u64,
+    /// How many jobs may run at once, each in its own workspace (`--concurrency` overrides it).
+    /// Default: 1.
+    pub concurrency: usize,
+    /// Most bytes of a job's log that wait on disk while the server does not acknowledge them;
+    /// beyond that new output is dropped, and the log says how much. Default: 256 MiB.
+    pub log_spool_max_bytes: u64,
+    /// Where the per-job log spools go; a relative path is taken relative to the config dir.
+    /// Default: `<work_dir>/.spool`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_spool_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -155,7 +165,17 @@ impl Settings {
             poll_wait_secs: 30,
             kill_grace_secs: 10,
             drain_grace_secs: 3600,
+            concurrency: 1,
+            log_spool_max_bytes: 256 * 1024 * 1024,
+            log_spool_dir: None,
         }
+    }
+
+    /// The directory of the per-job log spools.
+    pub fn log_spool_dir(&self) -> PathBuf {
+        self.log_spool_dir
+            .clone()
+            .unwrap_or_else(|| self.work_dir.join(".spool"))
     }
 
     /// Defaults, then `<config_dir>/runner.toml` if present, then `OUTPOST_RUNNER__*` variables.
@@ -194,6 +214,21 @@ impl Settings {
         if settings.work_dir.is_relative() {
             settings.work_dir = config_dir.join(&settings.work_dir);
         }
+        if let Some(dir) = &settings.log_spool_dir
+            && dir.is_relative()
+        {
+            settings.log_spool_dir = Some(config_dir.join(dir));
+        }
+        anyhow::ensure!(
+            settings.concurrency >= 1,
+            "`concurrency` in the runner settings must be at least 1 (from {} and {ENV_PREFIX}__* variables)",
+            file.display()
+        );
+        anyhow::ensure!(
+            settings.log_spool_max_bytes >= 64 * 1024,
+            "`log_spool_max_bytes` in the runner settings must be at least 65536 (64 KiB) (from {} and {ENV_PREFIX}__* variables)",
+            file.display()
+        );
         Ok(settings)
     }
 }
@@ -278,6 +313,45 @@ mod tests {
         assert_eq!(s.poll_wait_secs, 7);
         assert!(s.keep_workspaces);
         assert_eq!(s.kubectl, PathBuf::from("/opt/bin/kubectl"));
+    }
+
+    #[test]
+    fn concurrency_and_the_log_spool() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Settings::load_from(tmp.path(), Some(BTreeMap::new())).unwrap();
+        assert_eq!(s.concurrency, 1);
+        assert_eq!(s.log_spool_max_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.log_spool_dir(), tmp.path().join("work/.spool"));
+
+        // The spool follows the work dir unless it is set itself.
+        std::fs::write(
+            tmp.path().join(SETTINGS_FILE),
+            "work_dir = \"/srv/jobs\"\nconcurrency = 4\nlog_spool_max_bytes = 1048576\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(tmp.path(), Some(BTreeMap::new())).unwrap();
+        assert_eq!(s.concurrency, 4);
+        assert_eq!(s.log_spool_max_bytes, 1024 * 1024);
+        assert_eq!(s.log_spool_dir(), PathBuf::from("/srv/jobs/.spool"));
+
+        let env: BTreeMap<String, String> = [
+            ("OUTPOST_RUNNER__LOG_SPOOL_DIR", "spool"),
+            ("OUTPOST_RUNNER__CONCURRENCY", "2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_from(tmp.path(), Some(env)).unwrap();
+        assert_eq!(s.concurrency, 2);
+        assert_eq!(s.log_spool_dir(), tmp.path().join("spool"));
+
+        let env: BTreeMap<String, String> =
+            [("OUTPOST_RUNNER__CONCURRENCY".to_string(), "0".to_string())].into();
+        let err = format!(
+            "{:#}",
+            Settings::load_from(tmp.path(), Some(env)).unwrap_err()
+        );
+        assert!(err.contains("at least 1"), "{err}");
     }
 
     #[test]

@@ -576,6 +576,7 @@ async fn checkout_without_a_repository_explains_itself() {
             StepAction::Checkout {
                 path: None,
                 depth: None,
+                token_secret: None,
             },
         )],
         &[],
@@ -625,6 +626,7 @@ async fn checkout_fetches_the_commit_into_the_workspace() {
                 StepAction::Checkout {
                     path: Some("src".into()),
                     depth: None,
+                    token_secret: None,
                 },
             ),
             run(1, "cat src/README; git -C src rev-parse HEAD"),

@@ -17,17 +17,29 @@ pub mod dev;
 pub mod events;
 pub mod pipeline;
 pub mod queue;
+pub mod secrets;
 pub mod settings;
 pub mod store;
 
 pub use settings::Settings;
 pub use store::Store;
 
-/// Connects to the configured database and applies migrations.
+/// Connects to the configured database, applies migrations, and checks the secrets key against
+/// the stored secrets (a missing or wrong key is an error here, never a plaintext fallback).
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(
-        Store::connect(&settings.database_url(), settings.database.max_connections).await?,
-    ))
+    let key = secrets::load_key(&settings.secrets)?;
+    let store = Store::connect(&settings.database_url(), settings.database.max_connections).await?;
+    if let Err(e) = store.init_secrets(key).await {
+        store.close().await;
+        let hint = match &e {
+            store::StoreError::Conflict(m) if m == secrets::MISSING_KEY => {
+                secrets::dev_key_hint(settings).unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        anyhow::bail!("{e}{hint}");
+    }
+    Ok(Arc::new(store))
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.

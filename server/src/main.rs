@@ -45,6 +45,35 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Manage secrets that pipelines list (values are encrypted at rest and never shown).
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretAction {
+    /// Set a secret; its value is read from stdin (one trailing newline is dropped).
+    Set {
+        /// The name steps see it under: letters, digits and `_`, not starting with a digit.
+        name: String,
+        /// Only for this pipeline (it wins over a global secret of the same name).
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
+    /// List secrets: names, scopes and when they changed, never values.
+    List,
+    /// Delete a secret.
+    Delete {
+        /// The secret's name.
+        name: String,
+        /// The pipeline it is for; the global secret if not given.
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
+    /// Print a fresh random key for `secrets.key` (OUTPOST__SECRETS__KEY).
+    GenerateKey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,16 +175,123 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     outpost_server::run(settings, store, listener, shutdown).await
 }
 
+/// Reads a secret's value from stdin: at most the largest value plus one newline, which is dropped.
+fn read_secret_value(name: &str) -> anyhow::Result<String> {
+    use std::io::{IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("enter the value of {name}, then press Enter and Ctrl-D:");
+    }
+    let limit = outpost_server::secrets::MAX_VALUE_LEN + 2;
+    let mut bytes = Vec::new();
+    stdin
+        .lock()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .context("could not read the secret's value from stdin")?;
+    let mut value = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("the secret's value must be UTF-8 text"))?;
+    if value.ends_with('\n') {
+        value.pop();
+        if value.ends_with('\r') {
+            value.pop();
+        }
+    }
+    anyhow::ensure!(
+        !value.is_empty(),
+        "the secret's value is empty: pipe it in, e.g. `printf %s \"$VALUE\" | outpost-server secret set {name}`"
+    );
+    Ok(value)
+}
+
+/// Who the admin CLI records as the actor in the audit log.
+fn cli_actor() -> String {
+    match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => format!("cli:{user}"),
+        _ => "cli".into(),
+    }
+}
+
+async fn secret_command(settings: &Settings, action: SecretAction) -> anyhow::Result<()> {
+    match action {
+        SecretAction::GenerateKey => unreachable!("handled before the settings are loaded"),
+        SecretAction::Set { name, pipeline } => {
+            let store = open_store(settings).await?;
+            anyhow::ensure!(
+                store.has_secrets_key(),
+                "{}",
+                outpost_server::secrets::HOW_TO_MAKE_A_KEY
+            );
+            let value = {
+                let name = name.clone();
+                tokio::task::spawn_blocking(move || read_secret_value(&name)).await??
+            };
+            let (info, _) = store
+                .put_secret(&name, pipeline.as_deref(), &value, &cli_actor())
+                .await?;
+            match info.pipeline {
+                Some(p) => eprintln!("set secret {} for pipeline {p}", info.name),
+                None => eprintln!("set secret {} (global)", info.name),
+            }
+        }
+        SecretAction::List => {
+            let store = open_store(settings).await?;
+            println!("{:<32}  {:<24}  UPDATED", "NAME", "SCOPE");
+            for s in store.list_secrets().await? {
+                let scope = s
+                    .pipeline
+                    .map_or_else(|| "global".to_string(), |p| format!("pipeline {p}"));
+                println!(
+                    "{:<32}  {:<24}  {}",
+                    s.name,
+                    scope,
+                    s.updated_at.format("%Y-%m-%d %H:%M:%S UTC")
+                );
+            }
+        }
+        SecretAction::Delete { name, pipeline } => {
+            let store = open_store(settings).await?;
+            store
+                .delete_secret(&name, pipeline.as_deref(), &cli_actor())
+                .await?;
+            match pipeline.filter(|p| !p.is_empty()) {
+                Some(p) => eprintln!("deleted secret {name} for pipeline {p}"),
+                None => eprintln!("deleted secret {name} (global)"),
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    // A fresh key needs no configuration, so a broken config cannot stand in the way of making one.
+    if let Command::Secret {
+        action: SecretAction::GenerateKey,
+    } = cli.command
+    {
+        println!("{}", outpost_server::secrets::generate_key());
+        return Ok(());
+    }
+    let mut settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => serve(settings).await,
-        Command::Dev => dev::run(settings).await,
+        Command::Dev => {
+            outpost_server::secrets::use_dev_key(&mut settings)?;
+            dev::run(settings).await
+        }
         Command::Migrate => {
-            open_store(&settings).await?;
+            // Migrating needs no secrets key, so it can run where the key is not given out.
+            outpost_server::Store::connect(
+                &settings.database_url(),
+                settings.database.max_connections,
+            )
+            .await?
+            .close()
+            .await;
             eprintln!("the database is up to date");
             Ok(())
         }
+        Command::Secret { action } => secret_command(&settings, action).await,
         Command::Token { action } => {
             let store = open_store(&settings).await?;
             match action {

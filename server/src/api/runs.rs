@@ -45,6 +45,8 @@ pub async fn trigger(
                     actor: Some(caller.0.name.clone()),
                     git_ref: req.git_ref,
                     sha: req.sha,
+                    repo: req.repo,
+                    clone_url: req.clone_url.or_else(|| def.repository.clone()),
                     ..Default::default()
                 },
                 variables: req.variables,

@@ -33,7 +33,14 @@ pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// How many characters of a command a derived step name keeps.
 const STEP_NAME_CHARS: usize = 60;
 
-const TOP_KEYS: &[&str] = &["description", "triggers", "variables", "secrets", "jobs"];
+const TOP_KEYS: &[&str] = &[
+    "description",
+    "repository",
+    "triggers",
+    "variables",
+    "secrets",
+    "jobs",
+];
 const JOB_KEYS: &[&str] = &[
     "runs_on",
     "cluster",
@@ -46,7 +53,7 @@ const STEP_KEYS: &[&str] = &[
     "name", "when", "timeout", "run", "shell", "kubectl", "helm", "checkout",
 ];
 const ACTION_KEYS: &[&str] = &["run", "kubectl", "helm", "checkout"];
-const CHECKOUT_KEYS: &[&str] = &["path", "depth"];
+const CHECKOUT_KEYS: &[&str] = &["path", "depth", "token"];
 const TRIGGER_SOURCES: &[&str] = &["github", "gitlab", "azure_devops", "generic"];
 const GITHUB_KEYS: &[&str] = &["repo", "events", "branches", "tags", "paths"];
 const GITLAB_KEYS: &[&str] = &["project", "events", "branches", "tags", "paths"];
@@ -58,6 +65,9 @@ const WHEN_VALUES: &[&str] = &["on_success", "on_failure", "always"];
 pub struct PipelineDef {
     /// What the pipeline is for, shown in the UI.
     pub description: Option<String>,
+    /// The clone URL `checkout` uses when the trigger names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     /// Webhook sources that start a run.
     pub triggers: Vec<TriggerDef>,
     /// Variables every step sees; YAML scalars (strings, numbers, booleans) become their text.
@@ -269,6 +279,11 @@ pub fn parse(yaml: &str) -> Result<PipelineDef, PipelineError> {
         None => None,
     };
 
+    let repository = match get(top, "repository") {
+        Some(e) => parse_repository(&e.value)?,
+        None => None,
+    };
+
     let mut triggers = Vec::new();
     if let Some(e) = get(top, "triggers") {
         for item in list(&e.value, "`triggers`")? {
@@ -346,7 +361,7 @@ pub fn parse(yaml: &str) -> Result<PipelineDef, PipelineError> {
     let mut jobs = Vec::with_capacity(job_entries.len());
     let mut need_marks = Vec::with_capacity(job_entries.len());
     for entry in job_entries {
-        let (job, marks) = parse_job(entry)?;
+        let (job, marks) = parse_job(entry, &secrets)?;
         jobs.push(job);
         need_marks.push(marks);
     }
@@ -354,6 +369,7 @@ pub fn parse(yaml: &str) -> Result<PipelineDef, PipelineError> {
 
     Ok(PipelineDef {
         description,
+        repository,
         triggers,
         variables,
         secrets,
@@ -361,7 +377,8 @@ pub fn parse(yaml: &str) -> Result<PipelineDef, PipelineError> {
     })
 }
 
-fn parse_job(entry: &Entry) -> Result<(JobDef, Vec<Mark>), PipelineError> {
+/// `secrets` are the names the pipeline lists, which a `checkout` token must be one of.
+fn parse_job(entry: &Entry, secrets: &[String]) -> Result<(JobDef, Vec<Mark>), PipelineError> {
     let name = &entry.key;
     if !is_name(name, true) {
         return Err(entry.key_mark.error(format!(
@@ -420,7 +437,7 @@ fn parse_job(entry: &Entry) -> Result<(JobDef, Vec<Mark>), PipelineError> {
     let mut steps = Vec::with_capacity(step_nodes.len());
     for (i, node) in step_nodes.iter().enumerate() {
         let index = u32::try_from(i).map_err(|_| node.mark.error("too many steps in one job"))?;
-        steps.push(parse_step(node, index)?);
+        steps.push(parse_step(node, index, secrets)?);
     }
 
     Ok((
@@ -437,7 +454,7 @@ fn parse_job(entry: &Entry) -> Result<(JobDef, Vec<Mark>), PipelineError> {
     ))
 }
 
-fn parse_step(node: &Node, index: u32) -> Result<StepSpec, PipelineError> {
+fn parse_step(node: &Node, index: u32, secrets: &[String]) -> Result<StepSpec, PipelineError> {
     let entries = match &node.value {
         Value::Map(entries) => entries,
         Value::Scalar(text, ScalarKind::Str) if text == "checkout" => {
@@ -447,6 +464,7 @@ fn parse_step(node: &Node, index: u32) -> Result<StepSpec, PipelineError> {
                 action: StepAction::Checkout {
                     path: None,
                     depth: None,
+                    token_secret: None,
                 },
                 when: When::OnSuccess,
                 timeout_secs: None,
@@ -545,7 +563,7 @@ fn parse_step(node: &Node, index: u32) -> Result<StepSpec, PipelineError> {
             };
             (action, name)
         }
-        _ => (parse_checkout(value)?, "checkout".to_owned()),
+        _ => (parse_checkout(value, secrets)?, "checkout".to_owned()),
     };
 
     let name = match get(entries, "name") {
@@ -652,17 +670,18 @@ fn example_args(tool: &str) -> &'static str {
     }
 }
 
-fn parse_checkout(value: &Node) -> Result<StepAction, PipelineError> {
+fn parse_checkout(value: &Node, secrets: &[String]) -> Result<StepAction, PipelineError> {
     if value.is_null() {
         return Ok(StepAction::Checkout {
             path: None,
             depth: None,
+            token_secret: None,
         });
     }
     let Value::Map(entries) = &value.value else {
         return Err(value.mark.error(format!(
-            "`checkout` takes a mapping such as `checkout: {{path: sub/dir, depth: 1}}` or \
-             `checkout: {{}}`, but found {}",
+            "`checkout` takes a mapping such as `checkout: {{path: sub/dir, depth: 1, token: \
+             GIT_TOKEN}}` or `checkout: {{}}`, but found {}",
             value.describe()
         )));
     };
@@ -699,7 +718,61 @@ fn parse_checkout(value: &Node) -> Result<StepAction, PipelineError> {
         }
         None => None,
     };
-    Ok(StepAction::Checkout { path, depth })
+    let token_secret = match get(entries, "token") {
+        Some(e) => {
+            let name = text(&e.value, "`token`")?.trim();
+            if !is_env_name(name) {
+                return Err(e.value.mark.error(format!(
+                    "`token` names the secret that holds the repository's access token, such as \
+                     `token: GIT_TOKEN`, but `{name}` is not a valid secret name"
+                )));
+            }
+            if !secrets.iter().any(|s| s == name) {
+                return Err(e.value.mark.error(format!(
+                    "`token` names secret `{name}`, but the pipeline does not list it; add it to \
+                     the top-level `secrets:` list, e.g. `secrets: [{name}]`"
+                )));
+            }
+            Some(name.to_owned())
+        }
+        None => None,
+    };
+    Ok(StepAction::Checkout {
+        path,
+        depth,
+        token_secret,
+    })
+}
+
+/// The top-level `repository`: the URL `checkout` clones from when the trigger gives none.
+///
+/// Credentials in the URL are refused: they would be stored with the pipeline and shown to
+/// everyone who can read it, while a `checkout` `token` stays in the secret store.
+fn parse_repository(node: &Node) -> Result<Option<String>, PipelineError> {
+    let Some(url) = optional_text(node, "`repository`")? else {
+        return Ok(None);
+    };
+    if url.contains(char::is_whitespace) {
+        return Err(node.mark.error(format!(
+            "`repository` must be a clone URL such as `https://github.com/acme/web.git`, but \
+             `{url}` contains a space"
+        )));
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        if matches!(scheme, "http" | "https")
+            && authority
+                .rsplit_once('@')
+                .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+        {
+            return Err(node.mark.error(
+                "`repository` must not contain a password or token: they would be stored with \
+                 the pipeline for everyone to read; put the token in the secret store and write \
+                 `- checkout: {token: GIT_TOKEN}`",
+            ));
+        }
+    }
+    Ok(Some(url))
 }
 
 fn parse_trigger(node: &Node) -> Result<TriggerDef, PipelineError> {

@@ -117,6 +117,7 @@ fn design_example_parses_to_expected_structure() {
             action: StepAction::Checkout {
                 path: None,
                 depth: None,
+                token_secret: None,
             },
             when: When::OnSuccess,
             timeout_secs: None,
@@ -280,7 +281,8 @@ fn step_forms_and_defaults() {
         steps[1].action,
         StepAction::Checkout {
             path: Some("sub/dir".into()),
-            depth: Some(1)
+            depth: Some(1),
+            token_secret: None,
         }
     );
     assert_eq!(steps[1].name, "checkout");
@@ -289,12 +291,148 @@ fn step_forms_and_defaults() {
             step.action,
             StepAction::Checkout {
                 path: None,
-                depth: None
+                depth: None,
+                token_secret: None,
             }
         );
     }
     let indexes: Vec<u32> = steps.iter().map(|s| s.index).collect();
     assert_eq!(indexes, [0, 1, 2, 3]);
+}
+
+#[test]
+fn checkout_token_names_a_listed_secret() {
+    let def = parse(
+        "secrets: [GIT_TOKEN, OTHER]\n\
+         jobs:\n  a:\n    steps:\n\
+         \x20     - checkout: {token: GIT_TOKEN}\n\
+         \x20     - checkout:\n          path: src\n          depth: 5\n          token: OTHER\n",
+    )
+    .unwrap();
+    let steps = &def.jobs[0].steps;
+    assert_eq!(
+        steps[0].action,
+        StepAction::Checkout {
+            path: None,
+            depth: None,
+            token_secret: Some("GIT_TOKEN".into()),
+        }
+    );
+    assert_eq!(
+        steps[1].action,
+        StepAction::Checkout {
+            path: Some("src".into()),
+            depth: Some(5),
+            token_secret: Some("OTHER".into()),
+        }
+    );
+    // The wire form names the secret, never a value.
+    let json = serde_json::to_value(&steps[0]).unwrap();
+    assert_eq!(json["token_secret"], "GIT_TOKEN");
+    // Without a token the field is left out of the JSON altogether.
+    let plain = parse(&with_steps("      - checkout\n")).unwrap();
+    let json = serde_json::to_value(&plain.jobs[0].steps[0]).unwrap();
+    assert!(json.get("token_secret").is_none(), "{json}");
+}
+
+#[test]
+fn rejects_a_checkout_token_that_is_not_a_listed_secret() {
+    assert_error(
+        &with_steps("      - checkout: {token: GIT_TOKEN}\n"),
+        4,
+        27,
+        &[
+            "`token` names secret `GIT_TOKEN`",
+            "top-level `secrets:`",
+            "secrets: [GIT_TOKEN]",
+        ],
+    );
+    assert_error(
+        "secrets: [OTHER]\njobs:\n  a:\n    steps:\n      - checkout:\n          token: GIT_TOKEN\n",
+        6,
+        18,
+        &["`GIT_TOKEN`", "does not list it"],
+    );
+    assert_error(
+        "secrets: [GIT_TOKEN]\njobs:\n  a:\n    steps:\n      - checkout: {token: git-token}\n",
+        5,
+        27,
+        &["not a valid secret name"],
+    );
+    assert_error(
+        "secrets: [GIT_TOKEN]\njobs:\n  a:\n    steps:\n      - checkout: {token: [GIT_TOKEN]}\n",
+        5,
+        27,
+        &["`token` must be text"],
+    );
+    assert_error(
+        &with_steps("      - checkout: {tokne: GIT_TOKEN}\n"),
+        4,
+        20,
+        &["unknown key `tokne`", "did you mean `token`?"],
+    );
+}
+
+#[test]
+fn repository_is_the_default_clone_url() {
+    let def = parse(
+        "repository: https://dev.azure.com/acme/web/_git/web\njobs: {a: {steps: [checkout]}}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        def.repository.as_deref(),
+        Some("https://dev.azure.com/acme/web/_git/web")
+    );
+    for url in [
+        "file:///srv/git/web.git",
+        "git@github.com:acme/web.git",
+        "https://acme@dev.azure.com/acme/web/_git/web",
+    ] {
+        let def = parse(&format!(
+            "repository: {url}\njobs: {{a: {{steps: [checkout]}}}}\n"
+        ))
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(def.repository.as_deref(), Some(url));
+    }
+    assert_eq!(parse(DESIGN_EXAMPLE).unwrap().repository, None);
+
+    // Definitions stored before `repository` existed still load.
+    let mut json = serde_json::to_value(parse(DESIGN_EXAMPLE).unwrap()).unwrap();
+    assert!(json.get("repository").is_none(), "{json}");
+    json.as_object_mut().unwrap().remove("repository");
+    let back: PipelineDef = serde_json::from_value(json).unwrap();
+    assert_eq!(back.repository, None);
+}
+
+#[test]
+fn rejects_bad_repositories() {
+    assert_error(
+        "repository: https://x-access-token:ghp_abc@github.com/acme/web.git\njobs: {a: {steps: [checkout]}}\n",
+        1,
+        13,
+        &[
+            "must not contain a password or token",
+            "checkout: {token: GIT_TOKEN}",
+        ],
+    );
+    assert_error(
+        "repository: https://github.com/acme/web two\njobs: {a: {steps: [checkout]}}\n",
+        1,
+        13,
+        &["contains a space"],
+    );
+    assert_error(
+        "repository: [a]\njobs: {a: {steps: [checkout]}}\n",
+        1,
+        13,
+        &["`repository` must be text"],
+    );
+    assert_error(
+        "repository: ' '\njobs: {a: {steps: [checkout]}}\n",
+        1,
+        13,
+        &["`repository` is blank"],
+    );
 }
 
 #[test]

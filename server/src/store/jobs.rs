@@ -90,14 +90,22 @@ impl Store {
             tx.commit().await?;
             row
         });
-        Ok(row.map(|(_, _, spec)| Claimed {
+        drop(_w);
+        let mut claimed = row.map(|(_, _, spec)| Claimed {
             job: spec.0,
             lease: Lease {
                 token,
                 expires_at,
                 duration_secs: lease_secs,
             },
-        }))
+        });
+        // The stored spec names the job's secrets with empty values; the values are decrypted here.
+        if let Some(c) = &mut claimed
+            && !c.job.secrets.is_empty()
+        {
+            self.fill_secrets(&mut c.job).await?;
+        }
+        Ok(claimed)
     }
 
     /// Tells apart "no such job" from "your lease is not current" after a fenced update matched nothing.

@@ -23,11 +23,13 @@ mod logs;
 mod pipelines;
 pub mod runners;
 pub(crate) mod runs;
+mod secrets;
 
 pub use auth::{ApiPrincipal, Scope, TokenInfo};
 pub use jobs::{Claimed, CompleteOutcome};
 pub use logs::LogChunk;
 pub use runs::NewRun;
+pub use secrets::{SecretInfo, SecretList};
 
 /// What a store call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,10 @@ pub struct Store {
     write_lock: Option<Mutex<()>>,
     /// Wake-ups for long polls and live logs.
     pub events: Arc<Events>,
+    /// Runners authenticated recently.
+    runner_cache: runners::RunnerCache,
+    /// The key secret values are encrypted with, once [`Store::init_secrets`] accepted it.
+    secrets_key: std::sync::OnceLock<crate::secrets::SecretsKey>,
 }
 
 impl Store {
@@ -127,6 +133,8 @@ impl Store {
                 db: Db::Sqlite(pool),
                 write_lock: Some(Mutex::new(())),
                 events: Arc::new(Events::new(None)),
+                runner_cache: Default::default(),
+                secrets_key: Default::default(),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url)
@@ -147,6 +155,8 @@ impl Store {
                 events: Arc::new(Events::new(Some(pool.clone()))),
                 db: Db::Postgres(pool),
                 write_lock: None,
+                runner_cache: Default::default(),
+                secrets_key: Default::default(),
             })
         } else {
             anyhow::bail!(

@@ -33,6 +33,34 @@ struct RunnerRow {
     current_job: Option<Uuid>,
 }
 
+/// How long a runner's authentication is answered from memory before `last_seen_at` is written again.
+pub const SEEN_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Recently authenticated runners by token hash.
+#[derive(Debug, Default)]
+pub struct RunnerCache {
+    entries:
+        std::sync::Mutex<std::collections::HashMap<String, (RunnerPrincipal, std::time::Instant)>>,
+}
+
+impl RunnerCache {
+    fn fresh(&self, hash: &str) -> Option<RunnerPrincipal> {
+        let map = self.entries.lock().expect("runner cache poisoned");
+        map.get(hash)
+            .filter(|(_, at)| at.elapsed() < SEEN_REFRESH)
+            .map(|(p, _)| p.clone())
+    }
+
+    fn insert(&self, hash: String, principal: RunnerPrincipal) {
+        let mut map = self.entries.lock().expect("runner cache poisoned");
+        // Forget runners that stopped calling, so the map stays as small as the live fleet.
+        if map.len() > 1024 {
+            map.retain(|_, (_, at)| at.elapsed() < SEEN_REFRESH);
+        }
+        map.insert(hash, (principal, std::time::Instant::now()));
+    }
+}
+
 /// A runner not seen for this long is shown offline (a long poll renews it at least every ~30 s).
 const OFFLINE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(90);
 
@@ -71,22 +99,34 @@ impl Store {
     }
 
     /// The runner behind a runner token; also records that it was seen.
+    ///
+    /// Runners call on every long poll, so a runner seen within [`SEEN_REFRESH`] is answered from
+    /// memory: acquiring a job costs no extra write. `last_seen_at` is therefore accurate to
+    /// within that interval, far inside the offline threshold.
     pub async fn authenticate_runner(&self, token: &str) -> StoreResult<Option<RunnerPrincipal>> {
+        let hash = hash_token(token);
+        if let Some(p) = self.runner_cache.fresh(&hash) {
+            return Ok(Some(p));
+        }
         let _w = self.write_guard().await;
         let row: Option<(Uuid, String, Json<Vec<String>>)> = dispatch!(self, pool => {
             sqlx::query_as(
                 "UPDATE runners SET last_seen_at = $2 WHERE token_hash = $1 RETURNING id, name, labels",
             )
-            .bind(hash_token(token))
+            .bind(&hash)
             .bind(Utc::now())
             .fetch_optional(pool)
             .await?
         });
-        Ok(row.map(|(id, name, labels)| RunnerPrincipal {
+        let principal = row.map(|(id, name, labels)| RunnerPrincipal {
             id,
             name,
             labels: labels.0,
-        }))
+        });
+        if let Some(p) = &principal {
+            self.runner_cache.insert(hash, p.clone());
+        }
+        Ok(principal)
     }
 
     /// All runners by name, with their derived state.

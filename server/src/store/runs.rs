@@ -295,6 +295,8 @@ impl Store {
         let run_id = Uuid::now_v7();
         let mut variables = def.variables.clone();
         variables.extend(new.variables.clone());
+        // Secrets: every one the pipeline lists must be set now; the jobs record only the names.
+        self.require_secrets(&new.pipeline, &def.secrets).await?;
         let _w = self.write_guard().await;
         dispatch!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -330,7 +332,7 @@ impl Store {
                     name: job.name.clone(),
                     steps: job.steps.clone(),
                     variables: variables.clone(),
-                    secrets: BTreeMap::new(),
+                    secrets: super::secrets::placeholders(&def.secrets),
                     timeout_secs: job.timeout_secs,
                     cluster: job.cluster.clone(),
                     environment: job.environment.clone(),
