@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The PostgreSQL notification channel shared by all replicas.
-const CHANNEL: &str = "outpost_events";
+pub(crate) const CHANNEL: &str = "outpost_events";
 
 /// The in-process event hub.
 #[derive(Debug)]

@@ -4,19 +4,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use outpost_tests::outpost_protocol::{JobStatus, RunStatus};
+use outpost_tests::outpost_protocol::{CompleteRequest, JobStatus, RunStatus};
 use outpost_tests::{
     Backend, TestRunner, TestServer, apply_and_trigger, backend_tests, describe_run, scratch_dir,
     test_db, wait_for_run,
 };
 
-backend_tests!(fifty_jobs_two_runners_each_job_runs_once);
+backend_tests!(
+    fifty_jobs_two_runners_each_job_runs_once,
+    concurrent_completions_end_the_run
+);
 
 const JOBS: usize = 50;
 
 fn fifty_job_pipeline() -> String {
-    let mut yaml = String::from("description: fifty independent jobs\njobs:\n");
-    for i in 0..JOBS {
+    independent_jobs(JOBS)
+}
+
+fn independent_jobs(count: usize) -> String {
+    let mut yaml = String::from("description: independent jobs\njobs:\n");
+    for i in 0..count {
         // Each execution leaves one line; `>>` appends atomically for lines this short.
         write!(
             yaml,
@@ -88,4 +95,72 @@ async fn fifty_jobs_two_runners_each_job_runs_once(backend: Backend) {
     let by_b = run.jobs.iter().filter(|j| j.runner_id == Some(b)).count();
     println!("runner-a ran {by_a} jobs, runner-b ran {by_b} jobs");
     assert_eq!(by_a + by_b, JOBS, "every job names one of the two runners");
+}
+
+/// Many jobs of one run completed at the same moment by different runners: the last completion
+/// must see all the others and end the run. (Without serialising the run's advance, two
+/// transactions each read the other's job as still running and the run stays `running`.)
+async fn concurrent_completions_end_the_run(backend: Backend) {
+    let db = test_db!(backend);
+    let server = TestServer::start(&db, &[]).await;
+    let client = server.client();
+    let mut runners = Vec::new();
+    for i in 0..8 {
+        runners.push(server.fake_runner(&format!("fake-{i}"), &["e2e"]).await);
+    }
+    // Sixteen jobs for eight runners: every round ends with eight completions at the same moment.
+    const RACE_JOBS: usize = 16;
+    for round in 0..12 {
+        let run = apply_and_trigger(
+            &client,
+            "race",
+            &independent_jobs(RACE_JOBS),
+            &[("FILE", "/dev/null")],
+        )
+        .await;
+        // Every runner claims jobs, then all complete at once, until the run's jobs are done.
+        let mut done = 0;
+        while done < RACE_JOBS {
+            let mut claimed = Vec::new();
+            for r in runners.iter().take(RACE_JOBS - done) {
+                if let Some(a) = r
+                    .client
+                    .acquire(Duration::from_secs(1))
+                    .await
+                    .expect("acquire")
+                {
+                    claimed.push((r.client.clone(), a));
+                }
+            }
+            assert!(
+                !claimed.is_empty(),
+                "round {round}: no job left to claim after {done}"
+            );
+            let completions = claimed.iter().map(|(c, a)| {
+                let c = c.clone();
+                let (id, lease) = (a.job.id, a.lease.token.clone());
+                async move {
+                    c.heartbeat(id, &lease).await.expect("heartbeat");
+                    c.complete(
+                        id,
+                        &lease,
+                        &CompleteRequest {
+                            status: JobStatus::Succeeded,
+                            exit_code: Some(0),
+                        },
+                    )
+                    .await
+                    .expect("complete")
+                }
+            });
+            done += futures::future::join_all(completions).await.len();
+        }
+        let run = wait_for_run(&client, run.id, Duration::from_secs(30)).await;
+        assert_eq!(
+            run.status,
+            RunStatus::Succeeded,
+            "round {round}: {}",
+            describe_run(&run)
+        );
+    }
 }

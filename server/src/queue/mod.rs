@@ -25,11 +25,14 @@ pub async fn acquire(
     loop {
         // Everything published before this point is covered by the claim below.
         rx.borrow_and_update();
-        if let Some(claimed) = state
-            .store
-            .claim_job(runner.id, &runner.labels, state.settings.queue.lease_secs)
-            .await?
-        {
+        // Boxed so that the (large) claim future lives only while it runs: thousands of idle
+        // long polls then hold only this small waiting state.
+        let claim = Box::pin(state.store.claim_job(
+            runner.id,
+            &runner.labels,
+            state.settings.queue.lease_secs,
+        ));
+        if let Some(claimed) = claim.await? {
             return Ok(Some(claimed));
         }
         tokio::select! {

@@ -36,11 +36,18 @@ const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'running', runner_id = $1, 
        ORDER BY j.queued_at, j.id LIMIT 1) \
      RETURNING id, run_id, spec";
 
-const CLAIM_POSTGRES: &str = "UPDATE jobs SET status = 'running', runner_id = $1, lease_token_hash = $2, \
-     lease_expires_at = $3, heartbeat_seen = FALSE, attempt = attempt + 1, started_at = $4, cancel_requested = FALSE \
-     WHERE status = 'queued' AND id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
-       ORDER BY j.queued_at, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-     RETURNING id, run_id, spec";
+/// One statement, one round trip: claim the job and mark its run started. PostgreSQL runs
+/// data-modifying CTEs even when the outer query does not read them.
+const CLAIM_POSTGRES: &str = "WITH claimed AS ( \
+       UPDATE jobs SET status = 'running', runner_id = $1, lease_token_hash = $2, \
+       lease_expires_at = $3, heartbeat_seen = FALSE, attempt = attempt + 1, started_at = $4, cancel_requested = FALSE \
+       WHERE status = 'queued' AND id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
+         ORDER BY j.queued_at, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+       RETURNING id, run_id, spec), \
+     started AS ( \
+       UPDATE runs SET status = 'running', started_at = COALESCE(runs.started_at, $4) \
+       FROM claimed WHERE runs.id = claimed.run_id AND runs.status = 'queued') \
+     SELECT id, run_id, spec FROM claimed";
 
 /// Step statuses a finished job leaves behind for steps the runner never reported as ended.
 fn leftover_step_status(job: JobStatus) -> StepStatus {
@@ -62,34 +69,41 @@ impl Store {
         let now = Utc::now();
         let token = new_token("opl_");
         let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
-        let sql = if self.is_postgres() {
-            CLAIM_POSTGRES
-        } else {
-            CLAIM_SQLITE
-        };
         let _w = self.write_guard().await;
-        let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
-            let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(sql)
-                .bind(runner_id)
-                .bind(hash_token(&token))
-                .bind(expires_at)
-                .bind(now)
-                .bind(Json(labels))
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some((_, run_id, _)) = &row {
-                sqlx::query(
-                    "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1 AND status = 'queued'",
-                )
-                .bind(*run_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+        let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = match &self.db {
+            super::Db::Postgres(pool) => {
+                sqlx::query_as(CLAIM_POSTGRES)
+                    .bind(runner_id)
+                    .bind(hash_token(&token))
+                    .bind(expires_at)
+                    .bind(now)
+                    .bind(Json(labels))
+                    .fetch_optional(pool)
+                    .await?
             }
-            tx.commit().await?;
-            row
-        });
+            super::Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(CLAIM_SQLITE)
+                    .bind(runner_id)
+                    .bind(hash_token(&token))
+                    .bind(expires_at)
+                    .bind(now)
+                    .bind(Json(labels))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some((_, run_id, _)) = &row {
+                    sqlx::query(
+                        "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1 AND status = 'queued'",
+                    )
+                    .bind(*run_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                row
+            }
+        };
         drop(_w);
         let mut claimed = row.map(|(_, _, spec)| Claimed {
             job: spec.0,

@@ -27,6 +27,38 @@ impl Store {
         data: &[u8],
     ) -> StoreResult<u64> {
         let now = Utc::now();
+        if let super::Db::Postgres(pool) = &self.db
+            && !data.is_empty()
+        {
+            // The common case, a batch that starts exactly where the stored log ends, is one
+            // statement: the fenced size update, the chunk insert and the notification to other
+            // replicas. Anything else (a resend, a gap, a lost lease) takes the general path.
+            let end = offset + data.len() as u64;
+            let stored: Option<(i64,)> = sqlx::query_as(
+                "WITH j AS ( \
+                   UPDATE jobs SET log_size = $5, heartbeat_seen = TRUE \
+                   WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 \
+                     AND log_size = $4 \
+                   RETURNING id) \
+                 INSERT INTO log_chunks (job_id, start_offset, end_offset, data) \
+                 SELECT j.id, $4, $5, $6 FROM j, (SELECT pg_notify($7, $8)) AS n \
+                 RETURNING end_offset",
+            )
+            .bind(job_id)
+            .bind(hash_token(lease_token))
+            .bind(now)
+            .bind(offset as i64)
+            .bind(end as i64)
+            .bind(data)
+            .bind(crate::events::CHANNEL)
+            .bind(format!("log:{job_id}"))
+            .fetch_optional(pool)
+            .await?;
+            if stored.is_some() {
+                self.events.wake_log_local(job_id);
+                return Ok(end);
+            }
+        }
         let _w = self.write_guard().await;
         // The fenced UPDATE also locks the job row (PostgreSQL) for the rest of the transaction,
         // so appends to one job are serialised even across replicas.

@@ -240,6 +240,13 @@ macro_rules! advance_run {
     ($tx:expr, $run_id:expr, $now:expr) => {{
         let run_id: ::uuid::Uuid = $run_id;
         let now: ::chrono::DateTime<::chrono::Utc> = $now;
+        // Lock the run row first: two jobs of one run completing at once must not both read the
+        // other as still running (READ COMMITTED) and leave the run `running` forever. The
+        // second waits here and then sees the first one's committed status.
+        ::sqlx::query("UPDATE runs SET status = status WHERE id = $1")
+            .bind(run_id)
+            .execute(&mut *$tx)
+            .await?;
         let rows: Vec<(::uuid::Uuid, String, String, ::sqlx::types::Json<Vec<String>>)> =
             ::sqlx::query_as("SELECT id, name, status, needs FROM jobs WHERE run_id = $1 ORDER BY position")
                 .bind(run_id)
@@ -298,17 +305,77 @@ impl Store {
         // Secrets: every one the pipeline lists must be set now; the jobs record only the names.
         self.require_secrets(&new.pipeline, &def.secrets).await?;
         let _w = self.write_guard().await;
-        dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
-            let number: Option<(i64,)> = sqlx::query_as(
+        // The number is taken in its own short statement, so concurrent triggers of one pipeline
+        // hold the pipeline row only for that instant rather than for the whole insert. A run
+        // whose insert then fails leaves a gap in the numbering, nothing worse.
+        let number: Option<(i64,)> = dispatch!(self, pool => {
+            sqlx::query_as(
                 "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
             )
             .bind(&new.pipeline)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((number,)) = number else {
-                return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
-            };
+            .fetch_optional(pool)
+            .await?
+        });
+        let Some((number,)) = number else {
+            return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
+        };
+        let mut jobs = Vec::with_capacity(def.jobs.len());
+        let mut specs = Vec::with_capacity(def.jobs.len());
+        for job in &def.jobs {
+            let job_id = Uuid::now_v7();
+            let status = if job.needs.is_empty() { JobStatus::Queued } else { JobStatus::Pending };
+            specs.push(AssignedJob {
+                id: job_id,
+                run_id,
+                run_number: number,
+                pipeline: new.pipeline.clone(),
+                name: job.name.clone(),
+                steps: job.steps.clone(),
+                variables: variables.clone(),
+                secrets: super::secrets::placeholders(&def.secrets),
+                timeout_secs: job.timeout_secs,
+                cluster: job.cluster.clone(),
+                environment: job.environment.clone(),
+                trigger: new.trigger.clone(),
+            });
+            jobs.push(Job {
+                id: job_id,
+                run_id,
+                pipeline: new.pipeline.clone(),
+                name: job.name.clone(),
+                status,
+                runs_on: job.runs_on.clone(),
+                needs: job.needs.clone(),
+                cluster: job.cluster.clone(),
+                environment: job.environment.clone(),
+                timeout_secs: job.timeout_secs,
+                runner_id: None,
+                attempt: 0,
+                cancel_requested: false,
+                exit_code: None,
+                log_size: 0,
+                created_at: now,
+                started_at: None,
+                finished_at: None,
+                steps: job
+                    .steps
+                    .iter()
+                    .map(|st| Step {
+                        index: st.index,
+                        name: st.name.clone(),
+                        kind: st.action.kind().to_string(),
+                        status: StepStatus::Pending,
+                        exit_code: None,
+                        started_at: None,
+                        finished_at: None,
+                        log_start: None,
+                        log_end: None,
+                    })
+                    .collect(),
+            });
+        }
+        dispatch!(self, pool => {
+            let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
                  VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
@@ -321,61 +388,61 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            for (position, job) in def.jobs.iter().enumerate() {
-                let job_id = Uuid::now_v7();
-                let status = if job.needs.is_empty() { JobStatus::Queued } else { JobStatus::Pending };
-                let spec = AssignedJob {
-                    id: job_id,
-                    run_id,
-                    run_number: number,
-                    pipeline: new.pipeline.clone(),
-                    name: job.name.clone(),
-                    steps: job.steps.clone(),
-                    variables: variables.clone(),
-                    secrets: super::secrets::placeholders(&def.secrets),
-                    timeout_secs: job.timeout_secs,
-                    cluster: job.cluster.clone(),
-                    environment: job.environment.clone(),
-                    trigger: new.trigger.clone(),
-                };
-                sqlx::query(
+            // Multi-row inserts: one statement per table rather than one per job and step.
+            for chunk in jobs.iter().zip(&specs).enumerate().collect::<Vec<_>>().chunks(500) {
+                let mut qb = sqlx::QueryBuilder::new(
                     "INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
-                     environment, timeout_secs, spec, created_at, queued_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                )
-                .bind(job_id)
-                .bind(run_id)
-                .bind(&new.pipeline)
-                .bind(&job.name)
-                .bind(position as i32)
-                .bind(status.as_str())
-                .bind(Json(&job.runs_on))
-                .bind(Json(&job.needs))
-                .bind(job.cluster.clone())
-                .bind(job.environment.clone())
-                .bind(job.timeout_secs as i64)
-                .bind(Json(&spec))
-                .bind(now)
-                .bind(if status == JobStatus::Queued { Some(now) } else { None })
-                .execute(&mut *tx)
-                .await?;
-                for step in &job.steps {
-                    sqlx::query(
-                        "INSERT INTO steps (job_id, idx, name, kind, status) VALUES ($1, $2, $3, $4, 'pending')",
-                    )
-                    .bind(job_id)
-                    .bind(step.index as i32)
-                    .bind(&step.name)
-                    .bind(step.action.kind())
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                     environment, timeout_secs, spec, created_at, queued_at) ",
+                );
+                qb.push_values(chunk, |mut b, (position, (job, spec))| {
+                    b.push_bind(job.id)
+                        .push_bind(run_id)
+                        .push_bind(job.pipeline.clone())
+                        .push_bind(job.name.clone())
+                        .push_bind(*position as i32)
+                        .push_bind(job.status.as_str())
+                        .push_bind(Json(job.runs_on.clone()))
+                        .push_bind(Json(job.needs.clone()))
+                        .push_bind(job.cluster.clone())
+                        .push_bind(job.environment.clone())
+                        .push_bind(job.timeout_secs as i64)
+                        .push_bind(Json((*spec).clone()))
+                        .push_bind(now)
+                        .push_bind(if job.status == JobStatus::Queued { Some(now) } else { None });
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
+            let steps: Vec<(Uuid, &Step)> = jobs
+                .iter()
+                .flat_map(|j| j.steps.iter().map(move |st| (j.id, st)))
+                .collect();
+            for chunk in steps.chunks(1000) {
+                let mut qb = sqlx::QueryBuilder::new("INSERT INTO steps (job_id, idx, name, kind, status) ");
+                qb.push_values(chunk, |mut b, (job_id, st)| {
+                    b.push_bind(*job_id)
+                        .push_bind(st.index as i32)
+                        .push_bind(st.name.clone())
+                        .push_bind(st.kind.clone())
+                        .push_bind("pending");
+                });
+                qb.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
         });
         drop(_w);
         self.events.publish_jobs().await;
-        self.get_run(run_id).await
+        Ok(Run {
+            id: run_id,
+            pipeline: new.pipeline,
+            number,
+            status: RunStatus::Queued,
+            trigger: new.trigger,
+            variables: new.variables,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            jobs,
+        })
     }
 
     /// A run with its jobs and their steps.
