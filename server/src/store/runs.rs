@@ -323,7 +323,11 @@ impl Store {
         let mut specs = Vec::with_capacity(def.jobs.len());
         for job in &def.jobs {
             let job_id = Uuid::now_v7();
-            let status = if job.needs.is_empty() { JobStatus::Queued } else { JobStatus::Pending };
+            let status = if job.needs.is_empty() {
+                JobStatus::Queued
+            } else {
+                JobStatus::Pending
+            };
             specs.push(AssignedJob {
                 id: job_id,
                 run_id,
