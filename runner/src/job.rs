@@ -1180,6 +1180,14 @@ fn write_script(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+/// The short branch or tag name of a full ref, or "" when the ref is of another kind.
+fn ref_name(git_ref: Option<&str>, prefix: &str) -> String {
+    git_ref
+        .and_then(|r| r.strip_prefix(prefix))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The `OUTPOST_*` variables and `CI`; empty strings where the run has no value.
 pub fn builtin_vars(job: &AssignedJob, workspace: &Path) -> Vec<(String, String)> {
     let t = &job.trigger;
@@ -1195,6 +1203,21 @@ pub fn builtin_vars(job: &AssignedJob, workspace: &Path) -> Vec<(String, String)
         ("OUTPOST_REF".into(), opt(&t.git_ref)),
         ("OUTPOST_SHA".into(), opt(&t.sha)),
         ("OUTPOST_TRIGGER".into(), t.kind.as_str().into()),
+        ("OUTPOST_SOURCE".into(), opt(&t.source)),
+        ("OUTPOST_EVENT".into(), opt(&t.event)),
+        ("OUTPOST_CLONE_URL".into(), opt(&t.clone_url)),
+        ("OUTPOST_ACTOR".into(), opt(&t.actor)),
+        ("OUTPOST_MESSAGE".into(), opt(&t.message)),
+        ("OUTPOST_URL".into(), opt(&t.url)),
+        ("OUTPOST_DELIVERY_ID".into(), opt(&t.delivery_id)),
+        (
+            "OUTPOST_BRANCH".into(),
+            ref_name(t.git_ref.as_deref(), "refs/heads/"),
+        ),
+        (
+            "OUTPOST_TAG".into(),
+            ref_name(t.git_ref.as_deref(), "refs/tags/"),
+        ),
         (
             "OUTPOST_WORKSPACE".into(),
             workspace.to_string_lossy().into_owned(),
@@ -1205,6 +1228,17 @@ pub fn builtin_vars(job: &AssignedJob, workspace: &Path) -> Vec<(String, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn branch_and_tag_come_from_the_ref() {
+        assert_eq!(
+            ref_name(Some("refs/heads/release/1.2"), "refs/heads/"),
+            "release/1.2"
+        );
+        assert_eq!(ref_name(Some("refs/tags/v1"), "refs/heads/"), "");
+        assert_eq!(ref_name(Some("refs/tags/v1"), "refs/tags/"), "v1");
+        assert_eq!(ref_name(None, "refs/tags/"), "");
+    }
 
     #[test]
     fn heartbeats_come_four_times_per_lease_and_at_least_every_5s() {

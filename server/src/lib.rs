@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub mod api;
 pub mod dev;
 pub mod events;
+pub mod hooks;
 pub mod pipeline;
 pub mod queue;
 pub mod secrets;

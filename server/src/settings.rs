@@ -19,6 +19,8 @@ pub struct Settings {
     pub queue: QueueSettings,
     /// The secret store's encryption key.
     pub secrets: SecretsSettings,
+    /// Webhook endpoints (`/hooks/*`): their secrets and body limit.
+    pub webhooks: WebhookSettings,
 }
 
 /// Database settings.
@@ -67,6 +69,87 @@ pub struct SecretsSettings {
     pub key_file: Option<PathBuf>,
 }
 
+/// Webhook settings. A source whose secret is not set refuses every delivery (`401`); nothing is
+/// ever accepted unsigned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WebhookSettings {
+    /// Largest webhook body accepted, in bytes; larger ones answer `413` and are recorded.
+    /// Default 25 MiB, the most GitHub itself sends.
+    pub max_body_bytes: usize,
+    /// `POST /hooks/github`.
+    pub github: GithubHookSettings,
+    /// `POST /hooks/gitlab`.
+    pub gitlab: GitlabHookSettings,
+    /// `POST /hooks/azure-devops`.
+    pub azure_devops: AzureDevopsHookSettings,
+    /// `POST /hooks/generic/<pipeline>`: one entry per pipeline, keyed by its name (`-` may be
+    /// written `_`, so `OUTPOST__WEBHOOKS__GENERIC__DEPLOY_WEB__SECRET` serves `deploy-web`).
+    pub generic: std::collections::BTreeMap<String, GenericHookSettings>,
+}
+
+/// GitHub webhook settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GithubHookSettings {
+    /// The webhook's secret: deliveries must carry a valid `X-Hub-Signature-256`.
+    pub secret: Option<crate::secrets::Redacted>,
+}
+
+/// GitLab webhook settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GitlabHookSettings {
+    /// The webhook's secret token: deliveries must carry it in `X-Gitlab-Token`.
+    pub token: Option<crate::secrets::Redacted>,
+}
+
+/// Azure DevOps service hook settings: basic authentication, a custom header, or both (a
+/// delivery that passes either is accepted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AzureDevopsHookSettings {
+    /// The basic authentication user name; when unset, any user name is accepted with the password.
+    pub username: Option<String>,
+    /// The basic authentication password.
+    pub password: Option<crate::secrets::Redacted>,
+    /// The name of a custom header that carries `header_value`, e.g. `X-Outpost-Token`.
+    pub header_name: Option<String>,
+    /// The value that header must have.
+    pub header_value: Option<crate::secrets::Redacted>,
+}
+
+/// A generic webhook's settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenericHookSettings {
+    /// The HMAC-SHA256 key: deliveries must carry `X-Outpost-Signature: sha256=<hex>`.
+    pub secret: Option<crate::secrets::Redacted>,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 25 * 1024 * 1024,
+            github: GithubHookSettings::default(),
+            gitlab: GitlabHookSettings::default(),
+            azure_devops: AzureDevopsHookSettings::default(),
+            generic: Default::default(),
+        }
+    }
+}
+
+impl WebhookSettings {
+    /// The secret of `pipeline`'s generic webhook, if one is configured.
+    pub fn generic_secret(&self, pipeline: &str) -> Option<&str> {
+        let entry = self
+            .generic
+            .get(pipeline)
+            .or_else(|| self.generic.get(&pipeline.replace('-', "_")))?;
+        entry.secret.as_ref().map(|s| s.0.as_str())
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -75,6 +158,7 @@ impl Default for Settings {
             server: ServerSettings::default(),
             queue: QueueSettings::default(),
             secrets: SecretsSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -117,6 +201,35 @@ fn environment() -> config::Environment {
         .try_parsing(true)
 }
 
+/// The webhook secrets among `vars`, read as text exactly as written.
+///
+/// [`environment`] parses values that look like numbers, which would turn a secret such as
+/// `007` into `7`; this source comes after it, so those keys keep their text.
+fn webhook_secrets_environment(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> config::Environment {
+    let secrets: std::collections::HashMap<String, String> = vars
+        .into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_uppercase();
+            k.starts_with("OUTPOST__WEBHOOKS__")
+                && [
+                    "__SECRET",
+                    "__TOKEN",
+                    "__PASSWORD",
+                    "__HEADER_VALUE",
+                    "__USERNAME",
+                ]
+                .iter()
+                .any(|suffix| k.ends_with(suffix))
+        })
+        .collect();
+    config::Environment::with_prefix("OUTPOST")
+        .prefix_separator("__")
+        .separator("__")
+        .source(Some(secrets))
+}
+
 impl Settings {
     /// Loads defaults, then `file` (if given), then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -130,7 +243,9 @@ impl Settings {
             );
             builder = builder.add_source(config::File::from(file));
         }
-        builder = builder.add_source(environment());
+        builder = builder
+            .add_source(environment())
+            .add_source(webhook_secrets_environment(std::env::vars()));
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
@@ -142,6 +257,10 @@ impl Settings {
         anyhow::ensure!(
             settings.queue.acquire_wait_secs >= 1,
             "queue.acquire_wait_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            settings.webhooks.max_body_bytes >= 1024,
+            "webhooks.max_body_bytes must be at least 1024"
         );
         Ok(settings)
     }
@@ -183,6 +302,48 @@ mod tests {
         assert_eq!(
             Settings::default().database_url(),
             "sqlite://./outpost-data/outpost.db"
+        );
+    }
+
+    #[test]
+    fn webhook_secrets_come_from_the_environment_and_never_print() {
+        let env: std::collections::HashMap<String, String> = [
+            ("OUTPOST__WEBHOOKS__GITHUB__SECRET", "gh-s3cret"),
+            ("OUTPOST__WEBHOOKS__GITLAB__TOKEN", "0070"),
+            ("OUTPOST__WEBHOOKS__AZURE_DEVOPS__USERNAME", "outpost"),
+            ("OUTPOST__WEBHOOKS__AZURE_DEVOPS__PASSWORD", "ad0-pa55"),
+            ("OUTPOST__WEBHOOKS__GENERIC__DEPLOY_WEB__SECRET", "g3neric"),
+            ("OUTPOST__WEBHOOKS__MAX_BODY_BYTES", "1048576"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let settings: Settings = config::Config::builder()
+            .add_source(config::Config::try_from(&Settings::default()).unwrap())
+            .add_source(environment().source(Some(env.clone())))
+            .add_source(webhook_secrets_environment(env))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let hooks = &settings.webhooks;
+        assert_eq!(hooks.github.secret.as_ref().unwrap().0, "gh-s3cret");
+        // A secret that looks like a number keeps its text.
+        assert_eq!(hooks.gitlab.token.as_ref().unwrap().0, "0070");
+        assert_eq!(hooks.azure_devops.username.as_deref(), Some("outpost"));
+        assert_eq!(hooks.azure_devops.password.as_ref().unwrap().0, "ad0-pa55");
+        assert_eq!(hooks.max_body_bytes, 1024 * 1024);
+        // `_` in the variable stands for `-` in the pipeline's name.
+        assert_eq!(hooks.generic_secret("deploy-web"), Some("g3neric"));
+        assert_eq!(hooks.generic_secret("deploy_web"), Some("g3neric"));
+        assert_eq!(hooks.generic_secret("other"), None);
+        let printed = format!("{settings:?}");
+        for secret in ["gh-s3cret", "0070", "ad0-pa55", "g3neric"] {
+            assert!(!printed.contains(secret), "{secret} printed");
+        }
+        assert_eq!(
+            Settings::default().webhooks.max_body_bytes,
+            25 * 1024 * 1024
         );
     }
 

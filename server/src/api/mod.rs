@@ -14,10 +14,11 @@ use crate::store::Store;
 
 pub mod error;
 pub mod extract;
+mod hooks;
 mod logs;
 mod pipelines;
 mod runner;
-mod runs;
+pub(crate) mod runs;
 mod secrets;
 
 pub use error::{ApiError, ApiResult};
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/cancel", post(runs::cancel_job))
         .route("/jobs/{id}/log", get(logs::get_log))
         .route("/jobs/{id}/log/stream", get(logs::stream_log))
+        .route("/webhook-deliveries", get(hooks::list_deliveries))
         .route("/secrets", get(secrets::list))
         .route("/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .route("/runners", get(runner::list))
@@ -61,10 +63,20 @@ pub fn router(state: AppState) -> Router {
         .route("/runner/jobs/{id}/log", put(runner::append_log))
         .route("/runner/jobs/{id}/steps/{index}", post(runner::update_step))
         .route("/runner/jobs/{id}/complete", post(runner::complete));
+    // Webhooks have their own body limit: forges send larger bodies than the API ever gets.
+    let hook_routes = Router::new()
+        .route("/github", post(hooks::github))
+        .route("/gitlab", post(hooks::gitlab))
+        .route("/azure-devops", post(hooks::azure_devops))
+        .route("/generic/{pipeline}", post(hooks::generic))
+        .layer(DefaultBodyLimit::max(
+            state.settings.webhooks.max_body_bytes,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .nest("/api/v1", api)
+        .nest("/hooks", hook_routes)
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

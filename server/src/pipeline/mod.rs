@@ -105,42 +105,46 @@ pub enum TriggerDef {
     Github {
         /// `owner/name`.
         repo: String,
-        /// Event names such as `push`; empty matches every event.
+        /// Event names such as `push` or `pull_request`; empty means pushes (branches and tags).
         events: Vec<String>,
-        /// Branch patterns; empty matches every branch.
+        /// Branch globs (`*` stops at `/`, `!` excludes); `hooks::triggers` says how they
+        /// combine with `tags`.
         branches: Vec<String>,
-        /// Tag patterns; empty matches every tag.
+        /// Tag globs; see `hooks::triggers` for how they combine with `branches`.
         tags: Vec<String>,
-        /// Path patterns a change must touch; empty matches every change.
+        /// Globs of which a push must change at least one file; empty matches every change.
         paths: Vec<String>,
     },
     /// Events from a GitLab project.
     Gitlab {
         /// The project's path, e.g. `group/project`.
         project: String,
-        /// Event names such as `push`; empty matches every event.
+        /// Event names such as `push` or `pull_request`; empty means pushes (branches and tags).
         events: Vec<String>,
-        /// Branch patterns; empty matches every branch.
+        /// Branch globs (`*` stops at `/`, `!` excludes); `hooks::triggers` says how they
+        /// combine with `tags`.
         branches: Vec<String>,
-        /// Tag patterns; empty matches every tag.
+        /// Tag globs; see `hooks::triggers` for how they combine with `branches`.
         tags: Vec<String>,
-        /// Path patterns a change must touch; empty matches every change.
+        /// Globs of which a push must change at least one file; empty matches every change.
         paths: Vec<String>,
     },
     /// Service hook notifications from an Azure DevOps repository.
     AzureDevops {
         /// The repository's name.
         repository: String,
-        /// Event types such as `git.push`; empty matches every event.
+        /// Event types such as `git.push`; empty means pushes (branches and tags).
         events: Vec<String>,
-        /// Branch patterns; empty matches every branch.
+        /// Branch globs (`*` stops at `/`, `!` excludes); `hooks::triggers` says how they
+        /// combine with `tags`.
         branches: Vec<String>,
-        /// Tag patterns; empty matches every tag.
+        /// Tag globs; see `hooks::triggers` for how they combine with `branches`.
         tags: Vec<String>,
-        /// Path patterns a change must touch; empty matches every change.
+        /// Globs of which a push must change at least one file; empty matches every change.
         paths: Vec<String>,
     },
-    /// HMAC-signed posts to `/hooks/generic/<pipeline>`.
+    /// HMAC-signed posts to `/hooks/generic/<pipeline>`, under the key in the server's
+    /// configuration (`webhooks.generic.<pipeline>.secret`), never in the pipeline.
     Generic {},
 }
 
@@ -841,14 +845,30 @@ fn parse_trigger(node: &Node) -> Result<TriggerDef, PipelineError> {
             )));
         }
     };
+    // Events and globs are checked here, so that a typo is an error when the pipeline is applied
+    // rather than a trigger that silently never fires.
     let list_setting = |key: &str| -> Result<Vec<String>, PipelineError> {
-        match get(settings, key) {
-            Some(e) => Ok(text_list(&e.value, &format!("`{key}`"))?
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect()),
-            None => Ok(Vec::new()),
+        let Some(e) = get(settings, key) else {
+            return Ok(Vec::new());
+        };
+        let items = text_list(&e.value, &format!("`{key}`"))?;
+        for (item, mark) in &items {
+            if key == "events" {
+                let known = crate::hooks::triggers::known_events(&source.key);
+                if !known.contains(&crate::hooks::triggers::normalise_event(item).as_str()) {
+                    return Err(mark.error(format!(
+                        "`{item}` is not an event a `{}` trigger can listen to; use {}",
+                        source.key,
+                        quoted_list(known)
+                    )));
+                }
+            } else if let Err(problem) =
+                crate::hooks::triggers::check_patterns(std::slice::from_ref(item))
+            {
+                return Err(mark.error(format!("`{key}` has {problem}")));
+            }
         }
+        Ok(items.into_iter().map(|(s, _)| s).collect())
     };
     let required = |key: &str, example: &str| -> Result<String, PipelineError> {
         match get(settings, key) {

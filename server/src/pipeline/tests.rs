@@ -857,6 +857,34 @@ fn rejects_bad_triggers() {
 }
 
 #[test]
+fn rejects_unknown_trigger_events_and_bad_globs() {
+    assert_error(
+        "triggers:\n  - github: {repo: a/b, events: [push, pushh]}\njobs: {a: {steps: [checkout]}}\n",
+        2,
+        40,
+        &["`pushh`", "`github` trigger", "`pull_request`"],
+    );
+    assert_error(
+        "triggers:\n  - azure_devops: {repository: web, events: [pull_request.created]}\njobs: {a: {steps: [checkout]}}\n",
+        2,
+        46,
+        &["`pull_request.created`", "`git.pullrequest.created`"],
+    );
+    assert_error(
+        "triggers:\n  - gitlab: {project: a/b, branches: [\"release/[\"]}\njobs: {a: {steps: [checkout]}}\n",
+        2,
+        39,
+        &["`branches`", "`release/[`"],
+    );
+    // GitLab's own event names and the short forms are both accepted.
+    let def = parse(
+        "triggers:\n  - gitlab: {project: a/b, events: [Push Hook, tag_push, Merge Request Hook]}\n  - github: {repo: a/b, branches: [\"release/**\", \"!release/**-rc\"], paths: [\"**.md\"]}\njobs: {a: {steps: [checkout]}}\n",
+    )
+    .unwrap();
+    assert_eq!(def.triggers.len(), 2);
+}
+
+#[test]
 fn rejects_other_step_mistakes() {
     assert_error(
         &with_steps("      - run: make\n        when: sometimes\n"),

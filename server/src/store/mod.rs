@@ -24,12 +24,14 @@ mod pipelines;
 pub mod runners;
 pub(crate) mod runs;
 mod secrets;
+mod webhooks;
 
 pub use auth::{ApiPrincipal, Scope, TokenInfo};
 pub use jobs::{Claimed, CompleteOutcome};
 pub use logs::LogChunk;
 pub use runs::NewRun;
 pub use secrets::{SecretInfo, SecretList};
+pub use webhooks::{Claim, NewDelivery, WebhookDelivery, WebhookDeliveryList};
 
 /// What a store call can fail with.
 #[derive(Debug, thiserror::Error)]
