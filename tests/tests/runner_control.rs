@@ -104,12 +104,22 @@ jobs:
     let queued = apply_and_trigger(&client, "hang", &yaml, &[("DIR", &dir)]).await;
     let hang = queued.jobs[0].id;
     wait_for_file(&scratch.path().join("started"), RUN_TIMEOUT).await;
-    let running = processes_with_arg(&sleep);
-    assert_eq!(
-        running.len(),
-        2,
-        "the step's sleep and its background grandchild: {running:?}"
-    );
+    // The script touches the file just before it execs its foreground sleep, so wait for both.
+    eventually(
+        "the step's sleep and its background grandchild to run",
+        RUN_TIMEOUT,
+        || {
+            let running = processes_with_arg(&sleep);
+            async move {
+                if running.len() == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{running:?}"))
+                }
+            }
+        },
+    )
+    .await;
 
     let asked = Instant::now();
     client
