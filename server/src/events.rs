@@ -25,6 +25,8 @@ pub struct Events {
     jobs: watch::Sender<u64>,
     logs: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     pg: Option<PgPool>,
+    /// Which label sets were found to have nothing queued, so idle long polls skip the query.
+    pub claim_gates: crate::queue::ClaimGates,
 }
 
 impl Events {
@@ -34,6 +36,7 @@ impl Events {
             jobs: watch::Sender::new(0),
             logs: Mutex::new(HashMap::new()),
             pg,
+            claim_gates: Default::default(),
         }
     }
 

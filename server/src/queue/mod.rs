@@ -14,6 +14,48 @@ use crate::api::AppState;
 use crate::store::runners::RunnerPrincipal;
 use crate::store::{Claimed, Store, StoreResult};
 
+/// How long "nothing queued for these labels" is trusted without asking the database again.
+const EMPTY_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often a waiting long poll re-checks even without a wake-up, in case a notification from
+/// another replica was lost.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Per label set: the newest wake-up version at which a claim found nothing, and when.
+///
+/// Without this, every job queued would wake every idle long poll into its own claim query:
+/// with thousands of idle runners that is thousands of queries per job. Claims that a wake-up
+/// triggers go through the group's lock one at a time; once one of them finds nothing, the
+/// others waiting on the same wake-up know there is nothing for their labels and go back to
+/// sleep without a query. The first claim of a fresh acquire does not take the lock, so runners
+/// draining a full queue still claim in parallel.
+#[derive(Debug, Default)]
+pub struct LabelGroup {
+    empty_at: tokio::sync::Mutex<Option<(u64, std::time::Instant)>>,
+}
+
+impl LabelGroup {
+    fn known_empty(state: &Option<(u64, std::time::Instant)>, seen: u64) -> bool {
+        matches!(state, Some((v, at)) if *v >= seen && at.elapsed() < EMPTY_FRESH)
+    }
+}
+
+/// The label groups of this replica, by sorted label set.
+#[derive(Debug, Default)]
+pub struct ClaimGates {
+    groups: std::sync::Mutex<std::collections::HashMap<Vec<String>, std::sync::Arc<LabelGroup>>>,
+}
+
+impl ClaimGates {
+    fn group(&self, labels: &[String]) -> std::sync::Arc<LabelGroup> {
+        let mut key = labels.to_vec();
+        key.sort();
+        key.dedup();
+        let mut groups = self.groups.lock().expect("claim gates poisoned");
+        groups.entry(key).or_default().clone()
+    }
+}
+
 /// Claims a job for `runner`, waiting up to `wait` for one to be queued.
 pub async fn acquire(
     state: &AppState,
@@ -21,18 +63,30 @@ pub async fn acquire(
     wait: Duration,
 ) -> StoreResult<Option<Claimed>> {
     let deadline = Instant::now() + wait;
-    let mut rx = state.store.events.subscribe_jobs();
+    let events = &state.store.events;
+    let mut rx = events.subscribe_jobs();
+    let group = events.claim_gates.group(&runner.labels);
+    let mut woken = false;
     loop {
-        // Everything published before this point is covered by the claim below.
-        rx.borrow_and_update();
-        // Boxed so that the (large) claim future lives only while it runs: thousands of idle
-        // long polls then hold only this small waiting state.
-        let claim = Box::pin(state.store.claim_job(
-            runner.id,
-            &runner.labels,
-            state.settings.queue.lease_secs,
-        ));
-        if let Some(claimed) = claim.await? {
+        // Everything published up to `seen` is covered by the claim below.
+        let seen = *rx.borrow_and_update();
+        let claimed = if woken {
+            let mut empty_at = group.empty_at.lock().await;
+            if LabelGroup::known_empty(&empty_at, seen) {
+                None
+            } else {
+                let claimed = claim(state, runner).await?;
+                if claimed.is_none() {
+                    *empty_at = Some((seen, std::time::Instant::now()));
+                }
+                claimed
+            }
+        } else if LabelGroup::known_empty(&*group.empty_at.lock().await, seen) {
+            None
+        } else {
+            claim(state, runner).await?
+        };
+        if let Some(claimed) = claimed {
             return Ok(Some(claimed));
         }
         tokio::select! {
@@ -41,10 +95,23 @@ pub async fn acquire(
                     return Ok(None);
                 }
             }
+            _ = tokio::time::sleep(RECHECK) => {}
             _ = tokio::time::sleep_until(deadline) => return Ok(None),
             _ = state.shutdown.cancelled() => return Ok(None),
         }
+        woken = true;
     }
+}
+
+/// One claim, boxed so that the (large) claim future lives only while it runs: thousands of
+/// idle long polls then hold only their small waiting state.
+async fn claim(state: &AppState, runner: &RunnerPrincipal) -> StoreResult<Option<Claimed>> {
+    Box::pin(
+        state
+            .store
+            .claim_job(runner.id, &runner.labels, state.settings.queue.lease_secs),
+    )
+    .await
 }
 
 /// Ends expired leases every `interval` until `shutdown`.
