@@ -21,6 +21,7 @@ pub mod queue;
 pub mod secrets;
 pub mod settings;
 pub mod store;
+pub mod web;
 
 pub use settings::Settings;
 pub use store::Store;

@@ -57,7 +57,15 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(&parts.headers)?;
+        // A browser signed in to the web UI sends its session cookie instead of a bearer token.
+        let from_cookie = match parts.headers.contains_key(AUTHORIZATION) {
+            true => None,
+            false => crate::web::cookie_token(parts, state).transpose()?,
+        };
+        let token = match &from_cookie {
+            Some(t) => t.as_str(),
+            None => bearer(&parts.headers)?,
+        };
         match state.store.authenticate_api(token).await? {
             Some(p) => Ok(Caller(p)),
             None => Err(ApiError::unauthenticated(

@@ -1,0 +1,205 @@
+//! The web UI: server-rendered pages (maud), one CSS file and one script, all embedded.
+//!
+//! Pages sign in with a session cookie (see [`session`]); the page script reads the JSON API with
+//! the same cookie, and state-changing forms carry a CSRF token.
+//! Every response here has a strict Content-Security-Policy: no inline script, nothing from
+//! another origin.
+
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use sha2::{Digest, Sha256};
+
+use crate::api::{ApiError, AppState};
+use crate::store::ApiPrincipal;
+
+mod pages;
+pub mod session;
+
+const APP_CSS: &str = include_str!("app.css");
+const APP_JS: &str = include_str!("app.js");
+
+/// The Content-Security-Policy of every page.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// A short hash of the embedded assets, put in their URLs so a long cache never serves a stale one.
+pub fn asset_version() -> &'static str {
+    static V: OnceLock<String> = OnceLock::new();
+    V.get_or_init(|| {
+        let mut h = Sha256::new();
+        h.update(APP_CSS);
+        h.update(APP_JS);
+        hex::encode(&h.finalize()[..6])
+    })
+}
+
+/// The web routes, merged into the API router.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(pages::runs))
+        .route("/login", get(pages::login_form).post(pages::login))
+        .route("/logout", post(pages::logout))
+        .route("/runs/{id}", get(pages::run))
+        .route("/runs/{id}/cancel", post(pages::cancel_run))
+        .route("/runs/{id}/rerun", post(pages::rerun))
+        .route("/jobs/{id}", get(pages::job))
+        .route("/jobs/{id}/cancel", post(pages::cancel_job))
+        .route("/runners", get(pages::runners))
+        .route("/pipelines", get(pages::pipelines))
+        .route("/pipelines/{name}", get(pages::pipeline))
+        .route("/pipelines/{name}/run", post(pages::trigger))
+        .route("/webhooks", get(pages::webhooks))
+        .route("/static/app.css", get(css))
+        .route("/static/app.js", get(js))
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    resp
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn css() -> Response {
+    asset(APP_CSS, "text/css; charset=utf-8")
+}
+
+async fn js() -> Response {
+    asset(APP_JS, "text/javascript; charset=utf-8")
+}
+
+/// The session of a request: the cookie value, the token inside it, and the key.
+struct RawSession {
+    cookie: String,
+    token: String,
+    key: [u8; 32],
+}
+
+fn raw_session(parts: &Parts, state: &AppState) -> Option<RawSession> {
+    let value = session::cookie(&parts.headers, session::COOKIE)?;
+    let key = session::key(&state.settings.data_dir).ok()?;
+    let token = session::open(&key, value, session::now())?;
+    Some(RawSession {
+        cookie: value.to_string(),
+        token,
+        key,
+    })
+}
+
+/// For the API's `Caller`: the API token in the session cookie, if there is one.
+///
+/// A request that changes state (anything but `GET`/`HEAD`) must also carry the session's CSRF
+/// token in `X-CSRF-Token`, so another site cannot make the browser call the API.
+pub fn cookie_token(parts: &Parts, state: &AppState) -> Option<Result<String, ApiError>> {
+    session::cookie(&parts.headers, session::COOKIE)?;
+    let Some(s) = raw_session(parts, state) else {
+        return Some(Err(ApiError::unauthenticated(
+            "the session has expired: sign in again",
+        )));
+    };
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        let given = parts
+            .headers
+            .get(session::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !session::csrf_ok(&s.key, &s.cookie, given) {
+            return Some(Err(ApiError::forbidden(
+                "missing or wrong X-CSRF-Token header for this session",
+            )));
+        }
+    }
+    Some(Ok(s.token))
+}
+
+/// A signed-in person; pages that need one redirect to `/login` without it.
+pub struct WebUser {
+    /// Who, with which scope.
+    pub principal: ApiPrincipal,
+    /// The CSRF token forms must carry.
+    pub csrf: String,
+    key: [u8; 32],
+    cookie: String,
+}
+
+impl WebUser {
+    /// Fails with `403` unless `given` is this session's CSRF token.
+    fn check_csrf(&self, given: &str) -> Result<(), Refusal> {
+        if session::csrf_ok(&self.key, &self.cookie, given) {
+            Ok(())
+        } else {
+            Err(Refusal(
+                "the form is out of date or was not sent by this site: reload the page and try again",
+            ))
+        }
+    }
+}
+
+/// A state change refused with `403` and a sentence saying why.
+#[derive(Debug)]
+pub struct Refusal(pub &'static str);
+
+impl From<Refusal> for Response {
+    fn from(r: Refusal) -> Response {
+        (StatusCode::FORBIDDEN, r.0).into_response()
+    }
+}
+
+impl FromRequestParts<AppState> for WebUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let to_login = || {
+            let next = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let next: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
+            Redirect::to(&format!("/login?next={next}")).into_response()
+        };
+        let Some(s) = raw_session(parts, state) else {
+            return Err(to_login());
+        };
+        match state.store.authenticate_api(&s.token).await {
+            Ok(Some(principal)) => Ok(WebUser {
+                principal,
+                csrf: session::csrf(&s.key, &s.cookie),
+                key: s.key,
+                cookie: s.cookie,
+            }),
+            Ok(None) => Err(to_login()),
+            Err(e) => Err(ApiError::from(e).into_response()),
+        }
+    }
+}
