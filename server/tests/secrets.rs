@@ -4,6 +4,10 @@
 //! Every answer but a runner's acquire is checked not to contain a secret value, and the SQLite
 //! files on disk are read byte by byte to check that no value is stored in the clear.
 
+mod common;
+
+use common::PgDb;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -27,79 +31,11 @@ const WEB_VALUE: &str = "w3b-0nly-Pa55word-93ad";
 const OTHER_VALUE: &str = "0ther-Never-Listed-5b2f";
 const VALUES: [&str; 3] = [GLOBAL_VALUE, WEB_VALUE, OTHER_VALUE];
 
-const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 fn pipeline(secrets: &[&str]) -> String {
     format!(
         "secrets: [{}]\njobs:\n  deploy:\n    runs_on: [x]\n    steps:\n      - run: echo \"$REGISTRY_PASSWORD\"\n",
         secrets.join(", ")
     )
-}
-
-/// A uniquely named PostgreSQL database, dropped with the guard.
-struct PgDb {
-    url: String,
-    name: String,
-}
-
-impl PgDb {
-    /// `None` (with a message) when PostgreSQL is unreachable, unless `CI=true`, where that fails.
-    async fn new() -> Option<PgDb> {
-        use sqlx::Connection;
-        let admin = std::env::var("OUTPOST_TEST_PG_URL").unwrap_or_else(|_| PG_ADMIN_URL.into());
-        let conn =
-            tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&admin))
-                .await;
-        let mut conn = match conn {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return skip(&admin, &e.to_string()),
-            Err(_) => return skip(&admin, "timed out after 10 s"),
-        };
-        let name = format!("outpost_secrets_{}", uuid::Uuid::now_v7().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut conn)
-            .await
-            .expect("the test database can be created");
-        let _ = conn.close().await;
-        let (base, _) = admin.rsplit_once('/').expect("a database URL has a path");
-        Some(PgDb {
-            url: format!("{base}/{name}"),
-            name,
-        })
-    }
-}
-
-fn skip<T>(url: &str, why: &str) -> Option<T> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("PostgreSQL is not reachable at {url} (and CI=true, so this fails): {why}");
-    }
-    println!("skipping the PostgreSQL part: PostgreSQL is not reachable at {url}: {why}");
-    None
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let admin = std::env::var("OUTPOST_TEST_PG_URL").unwrap_or_else(|_| PG_ADMIN_URL.into());
-        let name = self.name.clone();
-        // The test's runtime cannot be blocked on, so a thread with its own runtime drops it.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    use sqlx::Connection;
-                    let mut conn = sqlx::PgConnection::connect(&admin).await?;
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await?;
-                    conn.close().await
-                })
-        })
-        .join();
-    }
 }
 
 struct Env {
@@ -128,7 +64,7 @@ fn settings_for(dir: &Path, pg: Option<&PgDb>, key: Option<&str>) -> Settings {
 async fn env(postgres: bool) -> Option<Env> {
     let dir = tempfile::tempdir().unwrap();
     let pg = if postgres {
-        Some(PgDb::new().await?)
+        Some(PgDb::new("outpost_secrets").await?)
     } else {
         None
     };
@@ -509,7 +445,7 @@ async fn postgres_delivers_listed_secrets_only_and_never_answers_a_value() {
 async fn key_check_scenario(postgres: bool) {
     let dir = tempfile::tempdir().unwrap();
     let pg = if postgres {
-        match PgDb::new().await {
+        match PgDb::new("outpost_secrets").await {
             Some(pg) => Some(pg),
             None => return,
         }
