@@ -125,6 +125,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         settings.data_dir.display()
     );
     println!("An embedded runner with the label `local` is waiting for jobs.");
+    println!("Web UI: open {url}/ and sign in with the token below.");
     println!();
     println!("  export OUTPOST_TOKEN={token}");
     println!(
