@@ -27,6 +27,8 @@ pub struct Events {
     pg: Option<PgPool>,
     /// Which label sets were found to have nothing queued, so idle long polls skip the query.
     pub claim_gates: crate::queue::ClaimGates,
+    /// Claims that arrive while another is running, gathered into the next batch.
+    pub claim_batcher: std::sync::Arc<crate::queue::ClaimBatcher>,
 }
 
 impl Events {
@@ -37,6 +39,7 @@ impl Events {
             logs: Mutex::new(HashMap::new()),
             pg,
             claim_gates: Default::default(),
+            claim_batcher: Default::default(),
         }
     }
 

@@ -3,16 +3,20 @@
 //! Claiming itself is one statement in the store (`FOR UPDATE SKIP LOCKED` on PostgreSQL, a
 //! single `UPDATE … RETURNING` under the writer lock on SQLite). This module adds the waiting:
 //! an acquire that finds nothing sleeps on the "job queued" wake-up, with no polling interval,
-//! so a job reaches a waiting runner as soon as it is committed.
+//! so a job reaches a waiting runner as soon as it is committed. It also gathers claims: the
+//! claims that arrive while one is running go to the database together, as one statement per
+//! label set and one commit ([`ClaimBatcher`]), which is what lets a busy queue hand out more jobs
+//! per second than the database commits.
 
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
 use crate::store::runners::RunnerPrincipal;
-use crate::store::{Claimed, Store, StoreResult};
+use crate::store::{ClaimRequest, Claimed, Store, StoreError, StoreResult};
 
 /// How long "nothing queued for these labels" is trusted without asking the database again.
 const EMPTY_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
@@ -103,15 +107,101 @@ pub async fn acquire(
     }
 }
 
-/// One claim, boxed so that the (large) claim future lives only while it runs: thousands of
-/// idle long polls then hold only their small waiting state.
+/// One claim, through the batcher; boxed so that the claim future lives only while it runs:
+/// thousands of idle long polls then hold only their small waiting state.
 async fn claim(state: &AppState, runner: &RunnerPrincipal) -> StoreResult<Option<Claimed>> {
-    Box::pin(
-        state
-            .store
-            .claim_job(runner.id, &runner.labels, state.settings.queue.lease_secs),
-    )
+    let request = ClaimRequest {
+        runner_id: runner.id,
+        labels: runner.labels.clone(),
+    };
+    Box::pin(state.store.events.claim_batcher.clone().claim(
+        state.store.clone(),
+        request,
+        state.settings.queue.lease_secs,
+    ))
     .await
+}
+
+/// The most claims one batch carries.
+const MAX_BATCH: usize = 64;
+
+type Waiter = (ClaimRequest, oneshot::Sender<StoreResult<Option<Claimed>>>);
+
+/// Group commit for claims: the first claim runs at once; the claims that arrive while it runs
+/// wait for it and then go to the store together ([`Store::claim_jobs`]). A lone claim is not
+/// delayed at all, and a burst costs one statement per label set instead of one per runner.
+#[derive(Debug, Default)]
+pub struct ClaimBatcher {
+    state: std::sync::Mutex<BatcherState>,
+}
+
+#[derive(Debug, Default)]
+struct BatcherState {
+    pending: Vec<Waiter>,
+    running: bool,
+}
+
+impl ClaimBatcher {
+    /// Claims a job for one runner, in the next batch.
+    pub async fn claim(
+        self: std::sync::Arc<Self>,
+        store: std::sync::Arc<Store>,
+        request: ClaimRequest,
+        lease_secs: u64,
+    ) -> StoreResult<Option<Claimed>> {
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut state = self.state.lock().expect("claim batcher poisoned");
+            state.pending.push((request, tx));
+            !std::mem::replace(&mut state.running, true)
+        };
+        if lead {
+            // The batch runs in a task of its own: a runner that hangs up must not cancel the
+            // claims of the others waiting on the same batch.
+            tokio::spawn(self.drain(store, lease_secs));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Db(sqlx::Error::Io(std::io::Error::other(
+                "the claim batch ended without an answer",
+            ))))
+        })
+    }
+
+    /// Runs batches until nobody is waiting.
+    async fn drain(self: std::sync::Arc<Self>, store: std::sync::Arc<Store>, lease_secs: u64) {
+        loop {
+            let batch: Vec<Waiter> = {
+                let mut state = self.state.lock().expect("claim batcher poisoned");
+                if state.pending.is_empty() {
+                    state.running = false;
+                    return;
+                }
+                let n = state.pending.len().min(MAX_BATCH);
+                state.pending.drain(..n).collect()
+            };
+            let (requests, waiters): (Vec<ClaimRequest>, Vec<_>) = batch.into_iter().unzip();
+            match store.claim_jobs(&requests, lease_secs).await {
+                Ok(results) => {
+                    for (waiter, result) in waiters.into_iter().zip(results) {
+                        if let Err(Ok(Some(lost))) = waiter.send(Ok(result)) {
+                            // The runner hung up: its job stays unconfirmed and goes back to the
+                            // queue when the lease expires (the reaper's rule for first claims).
+                            tracing::info!(job.id = %lost.job.id, "a runner left before its claimed job reached it");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, batch = waiters.len(), "a claim batch failed");
+                    let message = e.to_string();
+                    for waiter in waiters {
+                        let _ = waiter.send(Err(StoreError::Db(sqlx::Error::Io(
+                            std::io::Error::other(message.clone()),
+                        ))));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Ends expired leases every `interval` until `shutdown`.

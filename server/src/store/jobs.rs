@@ -49,6 +49,35 @@ const CLAIM_POSTGRES: &str = "WITH claimed AS ( \
        FROM claimed WHERE runs.id = claimed.run_id AND runs.status = 'queued') \
      SELECT id, run_id, spec FROM claimed";
 
+/// The same claim for several runners with the same labels at once: the oldest `$6` queued jobs
+/// they may run, paired in queue order with the runners in `$1` (and their lease hashes in `$2`),
+/// and their runs marked started, in one statement and one commit. A batch claims fewer jobs than
+/// runners when fewer are queued; the runners left over get nothing.
+const CLAIM_BATCH_POSTGRES: &str = "WITH picked AS ( \
+       SELECT j.id, j.queued_at FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
+       ORDER BY j.queued_at, j.id LIMIT $6 FOR UPDATE SKIP LOCKED), \
+     numbered AS (SELECT id, row_number() OVER (ORDER BY queued_at, id) AS n FROM picked), \
+     assign AS (SELECT * FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS a(runner_id, token_hash, n)), \
+     claimed AS ( \
+       UPDATE jobs SET status = 'running', runner_id = assign.runner_id, lease_token_hash = assign.token_hash, \
+       lease_expires_at = $3, heartbeat_seen = FALSE, attempt = jobs.attempt + 1, started_at = $4, cancel_requested = FALSE \
+       FROM numbered JOIN assign ON assign.n = numbered.n \
+       WHERE jobs.id = numbered.id AND jobs.status = 'queued' \
+       RETURNING jobs.id, jobs.run_id, jobs.spec, assign.n), \
+     started AS ( \
+       UPDATE runs SET status = 'running', started_at = COALESCE(runs.started_at, $4) \
+       FROM (SELECT DISTINCT run_id FROM claimed) c WHERE runs.id = c.run_id AND runs.status = 'queued') \
+     SELECT id, run_id, spec, n FROM claimed";
+
+/// One runner asking for a job, in a batch of claims.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The runner.
+    pub runner_id: Uuid,
+    /// Its labels.
+    pub labels: Vec<String>,
+}
+
 /// Step statuses a finished job leaves behind for steps the runner never reported as ended.
 fn leftover_step_status(job: JobStatus) -> StepStatus {
     match job {
@@ -120,6 +149,113 @@ impl Store {
             self.fill_secrets(&mut c.job).await?;
         }
         Ok(claimed)
+    }
+
+    /// Claims jobs for several runners at once, under one writer lock and as few statements and
+    /// commits as the backend allows: one statement per label set on PostgreSQL, one transaction
+    /// on SQLite. The answer has one entry per request, in order.
+    pub async fn claim_jobs(
+        &self,
+        requests: &[ClaimRequest],
+        lease_secs: u64,
+    ) -> StoreResult<Vec<Option<Claimed>>> {
+        if let [one] = requests {
+            return Ok(vec![
+                self.claim_job(one.runner_id, &one.labels, lease_secs)
+                    .await?,
+            ]);
+        }
+        let now = Utc::now();
+        let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
+        let tokens: Vec<String> = requests.iter().map(|_| new_token("opl_")).collect();
+        let hashes: Vec<String> = tokens.iter().map(|t| hash_token(t)).collect();
+        let mut specs: Vec<Option<AssignedJob>> = vec![None; requests.len()];
+        let _w = self.write_guard().await;
+        match &self.db {
+            super::Db::Postgres(pool) => {
+                // Requests with the same labels share one statement.
+                let mut groups: Vec<(&[String], Vec<usize>)> = Vec::new();
+                for (i, r) in requests.iter().enumerate() {
+                    match groups.iter_mut().find(|(l, _)| *l == r.labels.as_slice()) {
+                        Some((_, members)) => members.push(i),
+                        None => groups.push((&r.labels, vec![i])),
+                    }
+                }
+                for (labels, members) in groups {
+                    let runner_ids: Vec<Uuid> =
+                        members.iter().map(|&i| requests[i].runner_id).collect();
+                    let member_hashes: Vec<&str> =
+                        members.iter().map(|&i| hashes[i].as_str()).collect();
+                    let rows: Vec<(Uuid, Uuid, Json<AssignedJob>, i64)> =
+                        sqlx::query_as(CLAIM_BATCH_POSTGRES)
+                            .bind(&runner_ids)
+                            .bind(&member_hashes)
+                            .bind(expires_at)
+                            .bind(now)
+                            .bind(Json(labels))
+                            .bind(members.len() as i64)
+                            .fetch_all(pool)
+                            .await?;
+                    for (_, _, spec, n) in rows {
+                        let slot = usize::try_from(n - 1)
+                            .ok()
+                            .and_then(|k| members.get(k))
+                            .ok_or_else(|| {
+                                StoreError::Corrupt(format!("claim batch position {n}"))
+                            })?;
+                        specs[*slot] = Some(spec.0);
+                    }
+                }
+            }
+            super::Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for (i, r) in requests.iter().enumerate() {
+                    let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(CLAIM_SQLITE)
+                        .bind(r.runner_id)
+                        .bind(&hashes[i])
+                        .bind(expires_at)
+                        .bind(now)
+                        .bind(Json(&r.labels))
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let Some((_, run_id, spec)) = row {
+                        sqlx::query(
+                            "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1 AND status = 'queued'",
+                        )
+                        .bind(run_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                        specs[i] = Some(spec.0);
+                    }
+                }
+                tx.commit().await?;
+            }
+        }
+        drop(_w);
+        let mut out = Vec::with_capacity(requests.len());
+        for (spec, token) in specs.into_iter().zip(tokens) {
+            let claimed = match spec {
+                Some(mut job) => {
+                    // The stored spec names the job's secrets with empty values; the values are
+                    // decrypted here.
+                    if !job.secrets.is_empty() {
+                        self.fill_secrets(&mut job).await?;
+                    }
+                    Some(Claimed {
+                        job,
+                        lease: Lease {
+                            token,
+                            expires_at,
+                            duration_secs: lease_secs,
+                        },
+                    })
+                }
+                None => None,
+            };
+            out.push(claimed);
+        }
+        Ok(out)
     }
 
     /// Tells apart "no such job" from "your lease is not current" after a fenced update matched nothing.
@@ -287,7 +423,7 @@ impl Store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    let queued = advance_run!(tx, run_id, now)?;
+                    let queued = advance_run!(self, tx, run_id, now)?;
                     tx.commit().await?;
                     Some((run_id, queued))
                 }
@@ -360,7 +496,7 @@ impl Store {
                 .await?;
             }
             for run_id in runs {
-                advance_run!(tx, run_id, now)?;
+                advance_run!(self, tx, run_id, now)?;
             }
             tx.commit().await?;
             (requeued, lost)

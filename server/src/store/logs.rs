@@ -60,6 +60,33 @@ impl Store {
             }
         }
         let _w = self.write_guard().await;
+        if data.is_empty() {
+            // An empty append only confirms the lease and asks where the log ends: one statement,
+            // no transaction.
+            let held: Option<(i64,)> = dispatch!(self, pool => {
+                sqlx::query_as(
+                    "UPDATE jobs SET heartbeat_seen = TRUE \
+                     WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 \
+                     RETURNING log_size",
+                )
+                .bind(job_id)
+                .bind(hash_token(lease_token))
+                .bind(now)
+                .fetch_optional(pool)
+                .await?
+            });
+            drop(_w);
+            return match held {
+                None => Err(self.lease_failure_for_log(job_id).await),
+                Some((size,)) if offset > size.max(0) as u64 => Err(StoreError::Gap {
+                    next_offset: size.max(0) as u64,
+                }),
+                Some((size,)) => {
+                    self.events.publish_log(job_id).await;
+                    Ok(size.max(0) as u64)
+                }
+            };
+        }
         // The fenced UPDATE also locks the job row (PostgreSQL) for the rest of the transaction,
         // so appends to one job are serialised even across replicas.
         let result: Result<Option<u64>, StoreError> = dispatch!(self, pool => {

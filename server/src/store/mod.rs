@@ -27,7 +27,7 @@ mod secrets;
 mod webhooks;
 
 pub use auth::{ApiPrincipal, Scope, TokenInfo};
-pub use jobs::{Claimed, CompleteOutcome};
+pub use jobs::{ClaimRequest, Claimed, CompleteOutcome};
 pub use logs::LogChunk;
 pub use runs::NewRun;
 pub use secrets::{SecretInfo, SecretList};
@@ -179,6 +179,12 @@ impl Store {
     }
 
     /// Takes the SQLite writer lock (a no-op on PostgreSQL).
+    /// Whether every write transaction runs under the store's own writer lock (SQLite), so
+    /// that transactions never interleave.
+    pub(crate) fn writes_serialised(&self) -> bool {
+        self.write_lock.is_some()
+    }
+
     pub(crate) async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
         match &self.write_lock {
             Some(m) => Some(m.lock().await),

@@ -237,16 +237,19 @@ pub(crate) fn plan_advance(jobs: &[(Uuid, String, JobStatus, Vec<String>)]) -> A
 /// Moves a run's job graph forward inside an open transaction `$tx`; evaluates to
 /// `StoreResult<bool>`: whether any job became queued.
 macro_rules! advance_run {
-    ($tx:expr, $run_id:expr, $now:expr) => {{
+    ($store:expr, $tx:expr, $run_id:expr, $now:expr) => {{
         let run_id: ::uuid::Uuid = $run_id;
         let now: ::chrono::DateTime<::chrono::Utc> = $now;
         // Lock the run row first: two jobs of one run completing at once must not both read the
         // other as still running (READ COMMITTED) and leave the run `running` forever. The
-        // second waits here and then sees the first one's committed status.
-        ::sqlx::query("UPDATE runs SET status = status WHERE id = $1")
-            .bind(run_id)
-            .execute(&mut *$tx)
-            .await?;
+        // second waits here and then sees the first one's committed status. A store whose writes
+        // are serialised already (SQLite's writer lock) needs no row lock.
+        if !$store.writes_serialised() {
+            ::sqlx::query("UPDATE runs SET status = status WHERE id = $1")
+                .bind(run_id)
+                .execute(&mut *$tx)
+                .await?;
+        }
         let rows: Vec<(::uuid::Uuid, String, String, ::sqlx::types::Json<Vec<String>>)> =
             ::sqlx::query_as("SELECT id, name, status, needs FROM jobs WHERE run_id = $1 ORDER BY position")
                 .bind(run_id)
@@ -563,7 +566,7 @@ impl Store {
             .bind(Uuid::nil())
             .execute(&mut *tx)
             .await?;
-            let queued = advance_run!(tx, run_id, now)?;
+            let queued = advance_run!(self, tx, run_id, now)?;
             tx.commit().await?;
             if queued {
                 self.events.publish_jobs().await;
