@@ -215,6 +215,40 @@ pub fn read_mem(pid: u32) -> anyhow::Result<Mem> {
     Ok(mem)
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`; `None` for
+/// a process that is gone.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// CPU seconds used so far by the PostgreSQL backends serving `db_url`'s database (the server's
+/// connections); 0 for SQLite. Backends that ended before the call are not counted, so read it
+/// while the server still holds its pool.
+pub async fn pg_backend_cpu_secs(db_url: &str) -> anyhow::Result<f64> {
+    if !db_url.starts_with("postgres") {
+        return Ok(0.0);
+    }
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url)
+        .await
+        .context("connecting to PostgreSQL to find the server's backends")?;
+    let pids: Vec<(i32,)> = sqlx::query_as(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    Ok(pids.iter().filter_map(|(pid,)| cpu_secs(*pid as u32)).sum())
+}
+
 /// Samples a process's RSS every `every` until dropped; [`RssSampler::peak_mib`] is the highest
 /// reading seen.
 pub struct RssSampler {
@@ -279,6 +313,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The database URL the server uses.
+    pub fn db_url(&self) -> &str {
+        &self.db_url
+    }
+
     /// Creates an admin token with the CLI, then starts the server on `127.0.0.1:0`.
     pub async fn start(env: &Env, db: &Db, extra_env: &[(&str, String)]) -> anyhow::Result<Server> {
         let data_dir = tempfile::Builder::new()

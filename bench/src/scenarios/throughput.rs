@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{Sizes, finish_noop, verify_runs};
-use crate::harness::{Backend, Db, Env, Server, pipeline_yaml};
+use crate::harness::{Backend, Db, Env, Server, cpu_secs, pg_backend_cpu_secs, pipeline_yaml};
 use crate::report::Metrics;
 
 /// Runs the scenario once.
@@ -211,8 +211,10 @@ async fn measure(server: &Server, sizes: &Sizes) -> anyhow::Result<Metrics> {
     // Phase 3: runners wait first, then the jobs arrive.
     let fleet = Fleet::start(&clients, jobs);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu_before = CpuSnapshot::take(server).await?;
     let second = enqueue(admin, "tp-e2e", runs, sizes.enqueue_concurrency).await?;
     let last = fleet.wait(timeout).await?;
+    let cpu = CpuSnapshot::take(server).await?.since(&cpu_before);
     let e2e = last.duration_since(second.started);
     fleet.finish()?;
     verify_runs(admin, &second.runs, jobs).await?;
@@ -234,5 +236,56 @@ async fn measure(server: &Server, sizes: &Sizes) -> anyhow::Result<Metrics> {
         "jobs/s",
         jobs as f64 / second.took.as_secs_f64(),
     );
+    // CPU time per job, by process: unlike jobs/s, it hardly depends on what else the machine
+    // is doing, and it gives the rate this machine's cores could sustain at best.
+    let per_job_ms = |secs: f64| secs * 1000.0 / jobs as f64;
+    m.push("e2e_server_cpu_ms_per_job", "ms", per_job_ms(cpu.server));
+    m.push(
+        "e2e_postgres_cpu_ms_per_job",
+        "ms",
+        per_job_ms(cpu.postgres),
+    );
+    m.push("e2e_harness_cpu_ms_per_job", "ms", per_job_ms(cpu.harness));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let total = cpu.server + cpu.postgres + cpu.harness;
+    if total > 0.0 {
+        m.push(
+            "e2e_cpu_bound_jobs_per_s",
+            "jobs/s",
+            cores * jobs as f64 / total,
+        );
+    }
+    if cpu.server + cpu.postgres > 0.0 {
+        m.push(
+            "e2e_cpu_bound_without_harness_jobs_per_s",
+            "jobs/s",
+            cores * jobs as f64 / (cpu.server + cpu.postgres),
+        );
+    }
     Ok(m)
+}
+
+/// CPU seconds used so far by the server, its PostgreSQL backends and this harness.
+struct CpuSnapshot {
+    server: f64,
+    postgres: f64,
+    harness: f64,
+}
+
+impl CpuSnapshot {
+    async fn take(server: &Server) -> anyhow::Result<CpuSnapshot> {
+        Ok(CpuSnapshot {
+            server: cpu_secs(server.pid).context("reading the server's CPU time")?,
+            postgres: pg_backend_cpu_secs(server.db_url()).await?,
+            harness: cpu_secs(std::process::id()).context("reading the harness's CPU time")?,
+        })
+    }
+
+    fn since(&self, before: &CpuSnapshot) -> CpuSnapshot {
+        CpuSnapshot {
+            server: self.server - before.server,
+            postgres: (self.postgres - before.postgres).max(0.0),
+            harness: self.harness - before.harness,
+        }
+    }
 }

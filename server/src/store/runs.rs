@@ -250,6 +250,21 @@ macro_rules! advance_run {
                 .execute(&mut *$tx)
                 .await?;
         }
+        // Most completions change nothing else: no job of the run waits on `needs`, some are
+        // still queued or running, and the run is already `running`. One aggregate row says so
+        // without reading and planning every job of the run.
+        let (run_status, pending, open): (Option<String>, i64, i64) = ::sqlx::query_as(
+            "SELECT (SELECT status FROM runs WHERE id = $1), \
+             COALESCE(SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN status IN ('queued', 'running') THEN 1 ELSE 0 END), 0) \
+             FROM jobs WHERE run_id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *$tx)
+        .await?;
+        if pending == 0 && open > 0 && run_status.as_deref() == Some("running") {
+            Ok::<bool, $crate::store::StoreError>(false)
+        } else {
         let rows: Vec<(::uuid::Uuid, String, String, ::sqlx::types::Json<Vec<String>>)> =
             ::sqlx::query_as("SELECT id, name, status, needs FROM jobs WHERE run_id = $1 ORDER BY position")
                 .bind(run_id)
@@ -294,6 +309,7 @@ macro_rules! advance_run {
             .await?;
         }
         Ok::<bool, $crate::store::StoreError>(queued_any)
+        }
     }};
 }
 pub(crate) use advance_run;

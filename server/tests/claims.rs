@@ -1,0 +1,154 @@
+//! Batched claims (`Store::claim_jobs`), on SQLite and PostgreSQL: each runner of a batch gets
+//! its own job in queue order, only jobs whose labels it carries, a lease of its own, and runners
+//! left over when the queue runs dry get nothing.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::PgDb;
+use outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
+use outpost_server::store::{ClaimRequest, NewRun, Store};
+use outpost_server::{Settings, pipeline};
+use uuid::Uuid;
+
+const PIPELINE: &str = "\
+jobs:
+  a0: { runs_on: [x], steps: [{ run: 'true' }] }
+  a1: { runs_on: [x], steps: [{ run: 'true' }] }
+  a2: { runs_on: [x], steps: [{ run: 'true' }] }
+  a3: { runs_on: [x], steps: [{ run: 'true' }] }
+  a4: { runs_on: [x], steps: [{ run: 'true' }] }
+  b0: { runs_on: [y], steps: [{ run: 'true' }] }
+  b1: { runs_on: [y], steps: [{ run: 'true' }] }
+";
+
+async fn runner(store: &Store, name: &str, label: &str) -> ClaimRequest {
+    // Built from JSON so that fields added to the request later take their defaults.
+    let req: RegisterRequest =
+        serde_json::from_value(serde_json::json!({ "name": name, "labels": [label] })).unwrap();
+    let resp = store.register_runner("default", &req).await.unwrap();
+    ClaimRequest {
+        runner_id: resp.runner_id,
+        labels: vec![label.to_string()],
+    }
+}
+
+async fn batch_claims_each_runner_its_own_job(store: &Store) {
+    let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
+    store.put_pipeline("batch", PIPELINE, &def).await.unwrap();
+    let run = store
+        .create_run(
+            NewRun {
+                pipeline: "batch".into(),
+                trigger: Default::default(),
+                variables: Default::default(),
+            },
+            &def,
+        )
+        .await
+        .unwrap();
+
+    let mut xs = Vec::new();
+    for i in 0..6 {
+        xs.push(runner(store, &format!("x{i}"), "x").await);
+    }
+    let y0 = runner(store, "y0", "y").await;
+    let y1 = runner(store, "y1", "y").await;
+
+    // One batch mixing label sets: x runners get a0..a3 in queue order, y runners b0, b1.
+    let first = vec![
+        xs[0].clone(),
+        y0.clone(),
+        xs[1].clone(),
+        xs[2].clone(),
+        y1.clone(),
+        xs[3].clone(),
+    ];
+    let got = store.claim_jobs(&first, 60).await.unwrap();
+    let names: Vec<Option<String>> = got
+        .iter()
+        .map(|c| c.as_ref().map(|c| c.job.name.clone()))
+        .collect();
+    let expected = ["a0", "b0", "a1", "a2", "b1", "a3"].map(|n| Some(n.to_string()));
+    assert_eq!(names, expected);
+    let tokens: HashSet<&str> = got
+        .iter()
+        .flatten()
+        .map(|c| c.lease.token.as_str())
+        .collect();
+    assert_eq!(tokens.len(), 6, "every claim has a lease of its own");
+
+    // A second batch finds one x job left: the first x runner gets it, the other nothing, and a
+    // y runner finds the y jobs gone.
+    let second = vec![xs[4].clone(), xs[5].clone(), y0.clone()];
+    let got2 = store.claim_jobs(&second, 60).await.unwrap();
+    assert_eq!(
+        got2.iter()
+            .map(|c| c.as_ref().map(|c| c.job.name.clone()))
+            .collect::<Vec<_>>(),
+        vec![Some("a4".to_string()), None, None]
+    );
+
+    // The database agrees: each job is running under the runner it was handed to, claimed once,
+    // and each lease works for its own job only.
+    let stored = store.get_run(run.id).await.unwrap();
+    assert_eq!(stored.status, RunStatus::Running);
+    let handed: Vec<(Uuid, &ClaimRequest, &outpost_server::store::Claimed)> = first
+        .iter()
+        .zip(&got)
+        .chain(second.iter().zip(&got2))
+        .filter_map(|(r, c)| c.as_ref().map(|c| (c.job.id, r, c)))
+        .collect();
+    assert_eq!(handed.len(), 7);
+    for (job_id, req, claimed) in handed {
+        let job = stored.jobs.iter().find(|j| j.id == job_id).unwrap();
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.runner_id, Some(req.runner_id));
+        assert_eq!(job.attempt, 1);
+        store
+            .heartbeat(job_id, &claimed.lease.token, 60)
+            .await
+            .expect("the lease handed out is the job's current lease");
+    }
+    let other = &got[1].as_ref().unwrap().lease.token;
+    assert!(
+        store
+            .heartbeat(got[0].as_ref().unwrap().job.id, other, 60)
+            .await
+            .is_err(),
+        "a lease from the same batch is not valid for another job"
+    );
+}
+
+fn settings(dir: &std::path::Path, pg: Option<&PgDb>) -> Settings {
+    let mut settings = Settings {
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    settings.database.url = pg.map(|p| p.url.clone());
+    settings.database.max_connections = 4;
+    settings
+}
+
+#[tokio::test]
+async fn batched_claims_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = outpost_server::open_store(&settings(dir.path(), None))
+        .await
+        .unwrap();
+    batch_claims_each_runner_its_own_job(&store).await;
+}
+
+#[tokio::test]
+async fn batched_claims_postgres() {
+    let Some(pg) = PgDb::new("outpost_claims").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = outpost_server::open_store(&settings(dir.path(), Some(&pg)))
+        .await
+        .unwrap();
+    batch_claims_each_runner_its_own_job(&store).await;
+    store.close().await;
+}
