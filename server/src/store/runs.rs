@@ -245,7 +245,9 @@ macro_rules! advance_run {
         // second waits here and then sees the first one's committed status. A store whose writes
         // are serialised already (SQLite's writer lock) needs no row lock.
         if !$store.writes_serialised() {
-            ::sqlx::query("UPDATE runs SET status = status WHERE id = $1")
+            // A row lock, not a dummy update: 50 completions of a 50-job run would otherwise
+            // leave 50 dead versions of the run row behind.
+            ::sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
                 .bind(run_id)
                 .execute(&mut *$tx)
                 .await?;
