@@ -19,7 +19,9 @@
 #![forbid(unsafe_code)]
 
 pub mod git;
+pub mod identity;
 pub mod kube;
+pub mod kube_tls;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -605,6 +607,7 @@ impl TestServer {
                 version: outpost_protocol::VERSION.to_string(),
                 os: std::env::consts::OS.to_string(),
                 arch: std::env::consts::ARCH.to_string(),
+                clusters: Vec::new(),
             })
             .await
             .unwrap_or_else(|e| panic!("registering the fake runner {name} failed: {e}"));
