@@ -366,7 +366,7 @@ async fn check_entra_cluster(report: &mut Report, name: &str, cluster: &EntraClu
                 report.fail("TLS", &chain, &fix);
             }
         }
-    } else if !reachable {
+    } else if http.is_some() {
         report.skip("TLS", "the API server could not be reached");
     }
 
@@ -400,7 +400,10 @@ async fn check_entra_cluster(report: &mut Report, name: &str, cluster: &EntraClu
                 Ok(Err(e)) => {
                     report.fail(
                         "Token",
-                        &format!("Entra ID gave no token: {e}"),
+                        &format!(
+                            "Entra ID gave no token: {}",
+                            error_chain(&e).replace('\n', " ")
+                        ),
                         crate::kube_token::hint(&cluster.auth),
                     );
                     None

@@ -142,8 +142,9 @@ async fn locked_token(
         })?
         .map_err(|e| {
             anyhow::anyhow!(
-                "could not get an Entra ID token with auth = \"{}\": {e}; {}",
+                "could not get an Entra ID token with auth = \"{}\": {}\nHint: {}",
                 cluster.auth.name(),
+                crate::backoff::error_chain(&e),
                 hint(&cluster.auth)
             )
         })?;
@@ -205,6 +206,7 @@ pub fn credential(auth: &Auth) -> anyhow::Result<Arc<dyn TokenCredential>> {
         Auth::ManagedIdentity { client_id } => {
             ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
                 user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                client_options: base_client_options(),
                 ..Default::default()
             }))
             .context("could not set up the managed identity credential")?
@@ -257,6 +259,22 @@ pub fn credential(auth: &Auth) -> anyhow::Result<Arc<dyn TokenCredential>> {
     Ok(credential)
 }
 
+/// Client options with retries bounded to a few seconds: `kubectl` waits for the plugin, and an
+/// error it can show beats a minute of silence (the SDK's default retries for up to a minute).
+fn base_client_options() -> azure_core::http::ClientOptions {
+    azure_core::http::ClientOptions {
+        retry: azure_core::http::RetryOptions::exponential(
+            azure_core::http::ExponentialRetryOptions {
+                initial_delay: azure_core::time::Duration::milliseconds(200),
+                max_retries: 3,
+                max_total_elapsed: azure_core::time::Duration::seconds(15),
+                max_delay: azure_core::time::Duration::seconds(5),
+            },
+        ),
+        ..Default::default()
+    }
+}
+
 /// Client options that send token requests to `authority_host`, trusting `ca_file` besides the
 /// usual roots.
 fn client_options(
@@ -267,7 +285,7 @@ fn client_options(
     custom.authority_host = authority_host.to_string();
     let mut options = azure_core::http::ClientOptions {
         cloud: Some(Arc::new(custom.into())),
-        ..Default::default()
+        ..base_client_options()
     };
     if let Some(ca_file) = ca_file {
         let pem = std::fs::read(ca_file).with_context(|| {

@@ -122,7 +122,13 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The Azure SDK logs every failed attempt at info; its final error says enough,
+                // and `kube-token`'s stderr is shown to whoever runs kubectl.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "info,typespec_client_core=warn,azure_core=warn,azure_identity=warn",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

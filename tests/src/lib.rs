@@ -716,6 +716,19 @@ impl TestRunner {
         extra_env: &[(&str, &str)],
         run_args: &[&str],
     ) -> TestRunner {
+        Self::start_with_settings(server, name, labels, extra_env, run_args, None).await
+    }
+
+    /// Like [`TestRunner::start_with_args`], writing `runner_toml` as the runner's `runner.toml`
+    /// before it registers (so that, e.g., its `[clusters.NAME]` are advertised).
+    pub async fn start_with_settings(
+        server: &TestServer,
+        name: &str,
+        labels: &[&str],
+        extra_env: &[(&str, &str)],
+        run_args: &[&str],
+        runner_toml: Option<&str>,
+    ) -> TestRunner {
         let config_dir = tempfile::Builder::new()
             .prefix("outpost-e2e-runner-config-")
             .tempdir()
@@ -733,6 +746,10 @@ impl TestRunner {
             output: OutputTail::default(),
         };
 
+        if let Some(text) = runner_toml {
+            std::fs::write(runner.config_dir.path().join("runner.toml"), text)
+                .expect("runner.toml can be written");
+        }
         let registration = server.registration_token().await;
         let labels = labels.join(",");
         let mut register = runner.command(extra_env);
