@@ -628,6 +628,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_cluster_the_runner_lacks_is_named_in_the_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let setup = JobClusters {
+            clusters: BTreeMap::from([(
+                "staging".to_string(),
+                Cluster::Entra(EntraCluster {
+                    server: "https://aks.example.io".into(),
+                    ca_file: tmp.path().join("ca.pem"),
+                    auth: Auth::AzureCli { tenant_id: None },
+                }),
+            )]),
+            config_dir: tmp.path().to_path_buf(),
+            exe: "/usr/bin/outpost-runner".into(),
+        };
+        let err = write_job_kubeconfig(&setup, "aks-prod", tmp.path(), Path::new("kubectl"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no `[clusters.aks-prod]`"), "{err}");
+        assert!(err.contains("it has: staging"), "{err}");
+
+        std::fs::write(tmp.path().join("ca.pem"), "PEM").unwrap();
+        let path = write_job_kubeconfig(&setup, "staging", tmp.path(), Path::new("kubectl"))
+            .await
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            v["clusters"][0]["cluster"]["server"],
+            "https://aks.example.io"
+        );
+    }
+
     #[test]
     fn cluster_names_become_labels() {
         assert!(is_valid_name("aks-prod"));

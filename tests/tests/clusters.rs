@@ -431,6 +431,88 @@ jobs:
     assert_eq!(requests[0].client_id.as_deref(), Some("mi-client"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeconfig_cluster_gets_a_private_copy_of_its_context() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db, &[]).await;
+    let client = server.client();
+    let kube = KubeVersionApi::start().await;
+    kube.accept_only(vec!["prod-token".to_string()]);
+
+    // An operator's kubeconfig with two contexts, the CA beside it by a relative path.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("kube-ca.pem"), kube.ca_pem()).unwrap();
+    let kubeconfig = files.path().join("config");
+    let original = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\n    certificate-authority: kube-ca.pem\nusers:\n- name: prod-user\n  user:\n    token: prod-token\n- name: dev-user\n  user:\n    token: dev-token\ncontexts:\n- name: dev\n  context:\n    cluster: stand-in\n    user: dev-user\n- name: prod\n  context:\n    cluster: stand-in\n    user: prod-user\ncurrent-context: dev\n",
+        kube.url()
+    );
+    std::fs::write(&kubeconfig, &original).unwrap();
+    let runner_toml = format!(
+        "[clusters.onprem]\nkubeconfig = \"{}\"\ncontext = \"prod\"\n",
+        kubeconfig.display()
+    );
+    let runner = TestRunner::start_with_settings(
+        &server,
+        "onprem-runner",
+        &[],
+        &[],
+        &[],
+        Some(&runner_toml),
+    )
+    .await;
+
+    let yaml = r#"
+jobs:
+  deploy:
+    cluster: onprem
+    steps:
+      - kubectl: version --output=json
+      - run: |
+          echo "context=$(kubectl config current-context)"
+          test "$(stat -c %a "$KUBECONFIG")" = 600
+          kubectl config set-context --current --namespace=changed-by-the-job
+          kubectl config get-contexts -o name
+"#;
+    let run = apply_and_trigger(&client, "deploy-onprem", yaml, &[]).await;
+    let run = wait_for_run(&client, run.id, Duration::from_secs(120)).await;
+    let log = String::from_utf8_lossy(
+        &client
+            .get_log(job(&run, "deploy").id, 0)
+            .await
+            .expect("the log"),
+    )
+    .into_owned();
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}\n{log}\nrunner:\n{}",
+        describe_run(&run),
+        runner.output()
+    );
+    assert!(log.contains("context=prod"), "{log}");
+    assert!(
+        !log.contains("\ndev\n"),
+        "the copy holds only the configured context: {log}"
+    );
+    assert!(log.contains("v1.31.0-outpost-stand-in"), "{log}");
+    let seen = kube.seen();
+    assert!(
+        seen.iter()
+            .any(|r| r.path.starts_with("/version") && r.bearer.as_deref() == Some("prod-token")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|r| r.bearer.as_deref() != Some("dev-token")),
+        "only the configured context was used: {seen:?}"
+    );
+    // What the job did to its copy did not touch the operator's file.
+    assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), original);
+}
+
 backend_tests!(jobs_naming_a_cluster_go_only_to_runners_that_have_it);
 
 async fn jobs_naming_a_cluster_go_only_to_runners_that_have_it(backend: Backend) {

@@ -65,7 +65,7 @@ pub async fn register(
         )));
     }
     let resp = state.store.register_runner(&pool, &req).await?;
-    tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, "runner registered");
+    tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, clusters = ?req.clusters, "runner registered");
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
