@@ -207,7 +207,6 @@ pub fn credential(auth: &Auth) -> anyhow::Result<Arc<dyn TokenCredential>> {
             ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
                 user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
                 client_options: base_client_options(),
-                ..Default::default()
             }))
             .context("could not set up the managed identity credential")?
         }
@@ -224,7 +223,6 @@ pub fn credential(auth: &Auth) -> anyhow::Result<Arc<dyn TokenCredential>> {
             client_id: Some(client_id.clone()),
             tenant_id: Some(tenant_id.clone()),
             token_file_path: Some(token_file.clone()),
-            ..Default::default()
         }))
         .context("could not set up the workload identity credential")?,
         Auth::ClientSecret {

@@ -51,14 +51,13 @@ fn runner_command(
 }
 
 async fn run_runner(args: &[&str], config_dir: &Path, env: &[(String, String)]) -> Output {
-    let out = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_secs(120),
         runner_command(args, config_dir, env).output(),
     )
     .await
     .unwrap_or_else(|_| panic!("outpost-runner {args:?} did not finish within 120 s"))
-    .unwrap_or_else(|e| panic!("could not start outpost-runner: {e}"));
-    out
+    .unwrap_or_else(|e| panic!("could not start outpost-runner: {e}"))
 }
 
 fn text(out: &Output) -> String {
