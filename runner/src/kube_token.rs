@@ -194,7 +194,7 @@ pub fn hint(auth: &Auth) -> &'static str {
             "check tenant_id, client_id and that the secret in secret_file is current (secrets expire)"
         }
         Auth::AzureCli { .. } => {
-            "run `az login` as the user the runner runs as, or use another auth method"
+            "install the Azure CLI and run `az login` as the user the runner runs as, or use another auth method"
         }
     }
 }

@@ -346,6 +346,33 @@ async fn a_refusing_identity_endpoint_fails_clearly_and_caches_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_cli_auth_without_the_cli_says_what_to_install() {
+    let config = config_with_cluster(
+        "server = \"https://aks-prod.example.invalid\"\nca_file = \"cluster-ca.pem\"\nauth = \"azure_cli\"",
+        &TestCa::new("c").pem(),
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let env = vec![(
+        "PATH".to_string(),
+        empty.path().to_string_lossy().into_owned(),
+    )];
+    let out = run_runner(
+        &["kube-token", "--cluster", "aks-prod"],
+        config.path(),
+        &env,
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("az not found on PATH"), "{}", text(&out));
+    assert!(
+        stderr.contains("install the Azure CLI and run `az login`"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_naming_a_cluster_reaches_its_api_through_the_exec_plugin() {
     let Some(db) = TestDb::new(Backend::Sqlite).await else {
         return;
