@@ -372,6 +372,21 @@ pub struct RegisterRequest {
     /// CPU architecture, e.g. `x86_64`.
     #[serde(default)]
     pub arch: String,
+    /// The clusters the runner has configured (`[clusters.NAME]`); the server gives the runner
+    /// the label `cluster:NAME` for each, which a job naming that cluster requires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
+}
+
+/// `GET /api/v1/runner/me`: the runner a runner token belongs to (what `doctor` checks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunnerIdentity {
+    /// The runner's id.
+    pub runner_id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its labels, including `cluster:NAME` for each cluster it registered with.
+    pub labels: Vec<String>,
 }
 
 /// `POST /api/v1/runner/register` answer.

@@ -23,6 +23,15 @@ pub struct RunOptions {
     pub once: bool,
 }
 
+/// What registration sends besides name and labels.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterOptions {
+    /// The configured cluster names, which the server turns into `cluster:NAME` labels.
+    pub clusters: Vec<String>,
+    /// Accept a plain `http://` server URL that is not on loopback.
+    pub allow_insecure_http: bool,
+}
+
 /// Registers a runner with `registration_token` and returns its credentials (not yet saved).
 pub async fn register(
     server_url: &str,
@@ -30,8 +39,26 @@ pub async fn register(
     name: &str,
     labels: Vec<String>,
 ) -> anyhow::Result<Credentials> {
+    register_with(
+        server_url,
+        registration_token,
+        name,
+        labels,
+        RegisterOptions::default(),
+    )
+    .await
+}
+
+/// Like [`register`], also advertising the runner's clusters.
+pub async fn register_with(
+    server_url: &str,
+    registration_token: &str,
+    name: &str,
+    labels: Vec<String>,
+    opts: RegisterOptions,
+) -> anyhow::Result<Credentials> {
     let server_url = server_url.trim().trim_end_matches('/').to_string();
-    check_server_url(&server_url)?;
+    check_server_url(&server_url, opts.allow_insecure_http)?;
     let name = name.trim();
     anyhow::ensure!(!name.is_empty(), "the runner needs a name: pass --name");
     let mut clean: Vec<String> = Vec::new();
@@ -48,6 +75,7 @@ pub async fn register(
         version: outpost_protocol::VERSION.to_string(),
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
+        clusters: opts.clusters.clone(),
     };
     let resp = client.register(&req).await.map_err(|e| match e.status() {
         Some(s) if s.as_u16() == 401 || s.as_u16() == 403 => anyhow::anyhow!(
@@ -63,6 +91,14 @@ pub async fn register(
             error_chain(&e)
         ),
     })?;
+    // The server gives the runner a `cluster:NAME` label per cluster; keep what it now has, so
+    // `run` can tell when runner.toml names clusters the server does not know of.
+    for cluster in &opts.clusters {
+        let label = crate::clusters::label(cluster);
+        if !clean.contains(&label) {
+            clean.push(label);
+        }
+    }
     Ok(Credentials {
         server_url,
         runner_id: resp.runner_id,
@@ -72,21 +108,32 @@ pub async fn register(
     })
 }
 
-fn check_server_url(url: &str) -> anyhow::Result<()> {
+/// Refuses a server URL that would send the runner's tokens unencrypted across a network: plain
+/// `http://` is accepted on loopback, elsewhere only with `allow_insecure_http`.
+pub fn check_server_url(url: &str, allow_insecure_http: bool) -> anyhow::Result<()> {
     let Some((scheme, rest)) = url.split_once("://") else {
         anyhow::bail!("the server URL `{url}` needs a scheme, e.g. https://outpost.example.com");
     };
     match scheme {
         "https" => Ok(()),
         "http" => {
-            let host = rest.split(['/', ':']).next().unwrap_or_default();
-            let host_with_brackets = rest.split('/').next().unwrap_or_default();
-            let loopback = host == "localhost"
-                || host.starts_with("127.")
-                || host_with_brackets.starts_with("[::1]");
+            let _ = rest;
+            // A parsed host, so that `127.evil.example` is not taken for loopback.
+            let parsed = reqwest::Url::parse(url)
+                .with_context(|| format!("the server URL `{url}` is not a valid URL"))?;
+            let host = parsed.host_str().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
             if !loopback {
+                anyhow::ensure!(
+                    allow_insecure_http,
+                    "the server URL {url} is plain HTTP: the runner's tokens would cross the network unencrypted; use https, or if this network is trusted set `allow_insecure_http = true` in runner.toml (or OUTPOST_RUNNER__ALLOW_INSECURE_HTTP=true)"
+                );
                 tracing::warn!(
-                    "{url} is plain HTTP: the runner's tokens cross the network unencrypted; use https outside development"
+                    "{url} is plain HTTP (allowed by allow_insecure_http): the runner's tokens cross the network unencrypted"
                 );
             }
             Ok(())
@@ -94,6 +141,27 @@ fn check_server_url(url: &str) -> anyhow::Result<()> {
         other => anyhow::bail!(
             "the server URL `{url}` has scheme `{other}`: use https (or http on loopback)"
         ),
+    }
+}
+
+/// Jobs are routed by the `cluster:NAME` labels the runner registered with; a cluster added to
+/// runner.toml later gets no jobs until the runner registers again, which deserves a warning.
+fn warn_about_unregistered_clusters(creds: &Credentials, settings: &Settings) {
+    for name in settings.clusters.keys() {
+        if !creds.labels.contains(&crate::clusters::label(name)) {
+            tracing::warn!(
+                "cluster `{name}` is in runner.toml but this runner did not register with it, so the server sends it no jobs for that cluster: run `outpost-runner register` again"
+            );
+        }
+    }
+    for label in &creds.labels {
+        if let Some(name) = label.strip_prefix("cluster:")
+            && !settings.clusters.contains_key(name)
+        {
+            tracing::warn!(
+                "this runner registered with cluster `{name}`, which runner.toml no longer has: its jobs will fail here; add it back or register again"
+            );
+        }
     }
 }
 
@@ -134,6 +202,8 @@ async fn run_loop(
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) -> anyhow::Result<()> {
+    check_server_url(&creds.server_url, settings.allow_insecure_http)?;
+    warn_about_unregistered_clusters(&creds, &settings);
     let client = Client::new(&creds.server_url, Some(creds.runner_token.clone()))
         .context("could not set up the HTTP client")?;
     let exec = Arc::new(ExecConfig::from_settings(&settings, &creds.name));
@@ -326,11 +396,17 @@ mod tests {
 
     #[test]
     fn server_urls_need_a_scheme() {
-        assert!(check_server_url("https://outpost.example.com").is_ok());
-        assert!(check_server_url("http://127.0.0.1:8080").is_ok());
-        assert!(check_server_url("http://[::1]:8080").is_ok());
-        assert!(check_server_url("outpost.example.com").is_err());
-        assert!(check_server_url("ftp://x").is_err());
+        assert!(check_server_url("https://outpost.example.com", false).is_ok());
+        assert!(check_server_url("http://127.0.0.1:8080", false).is_ok());
+        assert!(check_server_url("http://[::1]:8080", false).is_ok());
+        assert!(check_server_url("outpost.example.com", false).is_err());
+        assert!(check_server_url("ftp://x", false).is_err());
+        let err = check_server_url("http://outpost.internal:8080", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_insecure_http = true"), "{err}");
+        assert!(check_server_url("http://outpost.internal:8080", true).is_ok());
+        assert!(check_server_url("http://127.evil.example/", false).is_err());
     }
 
     #[tokio::test]

@@ -28,6 +28,34 @@ enum Command {
     /// Pull jobs from the server and run them until stopped (SIGTERM or Ctrl-C drains; a second
     /// signal cancels the running jobs).
     Run(RunArgs),
+    /// Print a Kubernetes exec credential with an Entra ID token for a cluster (the per-job
+    /// kubeconfig runs this; tokens are cached until shortly before they expire).
+    KubeToken(KubeTokenArgs),
+    /// Check, step by step, that this runner can reach its server and each of its clusters, and
+    /// say what to fix when it cannot.
+    Doctor(DoctorArgs),
+}
+
+/// Arguments of `kube-token`.
+#[derive(Debug, Args)]
+struct KubeTokenArgs {
+    /// The cluster, as named by `[clusters.NAME]` in runner.toml.
+    #[arg(long, value_name = "NAME")]
+    cluster: String,
+    /// Where runner.toml is.
+    #[command(flatten)]
+    config: ConfigDir,
+}
+
+/// Arguments of `doctor`.
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    /// Where the credentials and runner.toml are.
+    #[command(flatten)]
+    config: ConfigDir,
+    /// Check only this cluster (and the server).
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
 }
 
 /// Where the runner keeps its credentials and settings.
@@ -94,7 +122,13 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The Azure SDK logs every failed attempt at info; its final error says enough,
+                // and `kube-token`'s stderr is shown to whoever runs kubectl.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "info,typespec_client_core=warn,azure_core=warn,azure_identity=warn",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -102,6 +136,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Register(args) => register(args).await,
         Command::Run(args) => run(args).await,
+        Command::KubeToken(args) => kube_token(args).await,
+        Command::Doctor(args) => doctor(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,7 +166,14 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let creds = outpost_runner::register(&args.server, &args.token, &name, args.labels).await?;
+    // The clusters in runner.toml are advertised, so jobs naming them are routed here.
+    let settings = Settings::load(&dir)?;
+    let opts = outpost_runner::RegisterOptions {
+        clusters: settings.clusters.keys().cloned().collect(),
+        allow_insecure_http: settings.allow_insecure_http,
+    };
+    let creds =
+        outpost_runner::register_with(&args.server, &args.token, &name, args.labels, opts).await?;
     creds.save(&dir)?;
     eprintln!(
         "registered runner {} ({}) with {}; credentials saved in {}",
@@ -188,4 +231,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         abort,
     )
     .await
+}
+
+async fn kube_token(args: KubeTokenArgs) -> anyhow::Result<()> {
+    let dir = args.config.resolve()?;
+    let cluster = outpost_runner::kube_token::entra_cluster(&dir, &args.cluster)?;
+    let token = outpost_runner::kube_token::token(&dir, &args.cluster, &cluster).await?;
+    let json = outpost_runner::kube_token::exec_credential(&token);
+    println!("{json}");
+    Ok(())
+}
+
+async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let dir = args.config.resolve()?;
+    let failures = outpost_runner::doctor::run(&dir, args.cluster.as_deref()).await?;
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} check{} failed",
+        if failures == 1 { "" } else { "s" }
+    );
+    Ok(())
 }

@@ -19,7 +19,9 @@
 #![forbid(unsafe_code)]
 
 pub mod git;
+pub mod identity;
 pub mod kube;
+pub mod kube_tls;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -605,6 +607,7 @@ impl TestServer {
                 version: outpost_protocol::VERSION.to_string(),
                 os: std::env::consts::OS.to_string(),
                 arch: std::env::consts::ARCH.to_string(),
+                clusters: Vec::new(),
             })
             .await
             .unwrap_or_else(|e| panic!("registering the fake runner {name} failed: {e}"));
@@ -713,6 +716,19 @@ impl TestRunner {
         extra_env: &[(&str, &str)],
         run_args: &[&str],
     ) -> TestRunner {
+        Self::start_with_settings(server, name, labels, extra_env, run_args, None).await
+    }
+
+    /// Like [`TestRunner::start_with_args`], writing `runner_toml` as the runner's `runner.toml`
+    /// before it registers (so that, e.g., its `[clusters.NAME]` are advertised).
+    pub async fn start_with_settings(
+        server: &TestServer,
+        name: &str,
+        labels: &[&str],
+        extra_env: &[(&str, &str)],
+        run_args: &[&str],
+        runner_toml: Option<&str>,
+    ) -> TestRunner {
         let config_dir = tempfile::Builder::new()
             .prefix("outpost-e2e-runner-config-")
             .tempdir()
@@ -730,6 +746,10 @@ impl TestRunner {
             output: OutputTail::default(),
         };
 
+        if let Some(text) = runner_toml {
+            std::fs::write(runner.config_dir.path().join("runner.toml"), text)
+                .expect("runner.toml can be written");
+        }
         let registration = server.registration_token().await;
         let labels = labels.join(",");
         let mut register = runner.command(extra_env);

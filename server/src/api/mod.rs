@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .route("/runners", get(runner::list))
         .route("/runner/register", post(runner::register))
+        .route("/runner/me", get(runner::me))
         .route("/runner/acquire", post(runner::acquire))
         .route("/runner/jobs/{id}/heartbeat", post(runner::heartbeat))
         .route("/runner/jobs/{id}/log", put(runner::append_log))

@@ -53,9 +53,29 @@ pub async fn register(
             "label {bad:?} is not valid: labels are 1 to 100 characters without spaces or commas"
         )));
     }
+    if let Some(bad) = req.clusters.iter().find(|c| {
+        c.is_empty()
+            || c.len() > 63
+            || !c
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "cluster name {bad:?} is not valid: 1 to 63 letters, digits, `-`, `_` or `.`"
+        )));
+    }
     let resp = state.store.register_runner(&pool, &req).await?;
-    tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, "runner registered");
+    tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, clusters = ?req.clusters, "runner registered");
     Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// `GET /runner/me`: who a runner token belongs to, for `outpost-runner doctor`.
+pub async fn me(runner: RunnerCaller) -> Json<outpost_protocol::RunnerIdentity> {
+    Json(outpost_protocol::RunnerIdentity {
+        runner_id: runner.0.id,
+        name: runner.0.name,
+        labels: runner.0.labels,
+    })
 }
 
 /// `POST /runner/acquire`: holds the request until a matching job is queued or the wait ends.
