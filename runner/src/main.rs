@@ -54,14 +54,13 @@ struct RegisterArgs {
     /// The server's base URL, e.g. https://outpost.example.com.
     #[arg(long, value_name = "URL", env = "OUTPOST_SERVER")]
     server: String,
-    /// A registration token from the server's admin (or use --entra).
+    /// A registration token from the server's admin (or use --entra, which ignores it).
     #[arg(
         long,
         value_name = "REGTOKEN",
         env = "OUTPOST_REGISTRATION_TOKEN",
         hide_env_values = true,
-        required_unless_present = "entra",
-        conflicts_with = "entra"
+        required_unless_present = "entra"
     )]
     token: Option<String>,
     /// Register with an Entra ID token from this machine's managed identity instead of a
@@ -154,6 +153,11 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
             outpost_runner::register(&args.server, token, &name, args.labels).await?
         }
         _ => {
+            if args.token.is_some() {
+                tracing::warn!(
+                    "--entra: ignoring the registration token (--token or OUTPOST_REGISTRATION_TOKEN)"
+                );
+            }
             let entra = outpost_runner::entra::EntraOptions {
                 client_id: args.client_id.clone(),
                 audience: args.audience.clone(),

@@ -66,6 +66,8 @@ fn register_request(name: &str, labels: &[&str]) -> RegisterRequest {
 
 /// Registers with `token` and expects a `401` whose message contains `why`.
 async fn expect_refused(server: &TestServer, token: String, why: &str, case: &str) {
+    // The server may log why, but never the token or any part of its signature.
+    let signature = token.rsplit('.').next().unwrap_or_default().to_string();
     let result = server
         .client_with(Some(token))
         .register(&register_request(case, &["entra"]))
@@ -79,6 +81,10 @@ async fn expect_refused(server: &TestServer, token: String, why: &str, case: &st
     assert!(
         message.contains(why),
         "{case}: the message should say {why:?}, it says {message:?}"
+    );
+    assert!(
+        !message.contains(&signature) && !server.output().contains(&signature),
+        "{case}: the token leaked into the answer or the log"
     );
 }
 
@@ -380,6 +386,28 @@ async fn without_entra_or_keys_a_jwt_is_refused(backend: Backend) {
     .await;
     // Registration tokens still work next to it.
     plain.fake_runner("with-a-token", &["x"]).await;
+    // The runner is told, before it asks its managed identity for anything.
+    let dir = config_dir();
+    let (ok, stderr) = runner_cli(
+        &[
+            "register",
+            "--server",
+            plain.url(),
+            "--entra",
+            "--name",
+            "vm",
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &stand_in.identity_env(),
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("does not accept Entra ID registration") && stderr.contains("--token"),
+        "{stderr}"
+    );
+    assert!(stand_in.identity_requests().is_empty());
     drop(plain);
 
     // A server whose key URL does not answer cannot check the token: 503, not a runner.
@@ -398,6 +426,11 @@ async fn without_entra_or_keys_a_jwt_is_refused(backend: Backend) {
         .await;
     let status = expect_status(result, "unreachable keys");
     assert_eq!(status.as_u16(), 503);
+    let log = server.output();
+    assert!(
+        log.contains("could not fetch the issuer's signing keys: http://127.0.0.1:1/keys"),
+        "the server logs why it could not check the token:\n{log}"
+    );
     assert!(
         server
             .client()
