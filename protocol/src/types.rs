@@ -398,6 +398,25 @@ pub struct RegisterResponse {
     pub runner_token: String,
 }
 
+/// `GET /api/v1/runner/registration-info` answer (no authentication): how a runner may register.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RegistrationInfo {
+    /// Set when the server accepts Entra ID access tokens in place of a registration token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entra: Option<EntraRegistrationInfo>,
+}
+
+/// What a runner needs to ask Entra ID for a token this server accepts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntraRegistrationInfo {
+    /// The directory (tenant) the token must come from.
+    pub tenant_id: String,
+    /// The audience (`aud`) the token must carry.
+    pub audience: String,
+    /// The scope to request, `<audience>/.default`.
+    pub scope: String,
+}
+
 /// `POST /api/v1/runner/acquire` body (`{}` is valid).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct AcquireRequest {

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, error_chain, human};
+use crate::entra::EntraOptions;
 use crate::job::{self, ExecConfig, JobOutcome, LeasedJob};
 use crate::settings::{Credentials, Settings};
 use crate::spool;
@@ -59,6 +60,70 @@ pub async fn register_with(
 ) -> anyhow::Result<Credentials> {
     let server_url = server_url.trim().trim_end_matches('/').to_string();
     check_server_url(&server_url, opts.allow_insecure_http)?;
+    register_with_bearer(
+        server_url,
+        registration_token,
+        "the registration token",
+        "check that it is right and has not expired or been revoked",
+        name,
+        labels,
+        &opts,
+    )
+    .await
+}
+
+/// Registers a runner with an Entra ID access token from this machine's managed identity, for
+/// the audience `entra.audience` names or, when it names none, the one the server announces.
+pub async fn register_with_entra(
+    server_url: &str,
+    entra: &EntraOptions,
+    name: &str,
+    labels: Vec<String>,
+    opts: RegisterOptions,
+) -> anyhow::Result<Credentials> {
+    let server_url = server_url.trim().trim_end_matches('/').to_string();
+    check_server_url(&server_url, opts.allow_insecure_http)?;
+    let scope = match &entra.audience {
+        Some(audience) => crate::entra::scope_for(audience),
+        None => {
+            let client =
+                Client::new(&server_url, None).context("could not set up the HTTP client")?;
+            let info = client.registration_info().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "could not ask {server_url} how to register: {}; check the URL, or pass --audience",
+                    error_chain(&e)
+                )
+            })?;
+            let entra = info.entra.with_context(|| {
+                format!("the server at {server_url} does not accept Entra ID registration (it has no [entra] configuration): register with --token")
+            })?;
+            entra.scope
+        }
+    };
+    let token = crate::entra::managed_identity_token(&scope, entra.client_id.as_deref()).await?;
+    register_with_bearer(
+        server_url,
+        &token,
+        "the Entra ID token",
+        "the server's admin must list this identity's object id in [[entra.principals]], and the server's entra.audience must match the scope asked for",
+        name,
+        labels,
+        &opts,
+    )
+    .await
+}
+
+/// Registers with `bearer` (a registration token or an Entra ID access token); `what` and `hint`
+/// name the credential and its fix in the error a refusal gives.
+async fn register_with_bearer(
+    server_url: String,
+    bearer: &str,
+    what: &str,
+    hint: &str,
+    name: &str,
+    labels: Vec<String>,
+    opts: &RegisterOptions,
+) -> anyhow::Result<Credentials> {
     let name = name.trim();
     anyhow::ensure!(!name.is_empty(), "the runner needs a name: pass --name");
     let mut clean: Vec<String> = Vec::new();
@@ -67,7 +132,7 @@ pub async fn register_with(
             clean.push(label.to_string());
         }
     }
-    let client = Client::new(&server_url, Some(registration_token.to_string()))
+    let client = Client::new(&server_url, Some(bearer.to_string()))
         .context("could not set up the HTTP client")?;
     let req = RegisterRequest {
         name: name.to_string(),
@@ -79,7 +144,7 @@ pub async fn register_with(
     };
     let resp = client.register(&req).await.map_err(|e| match e.status() {
         Some(s) if s.as_u16() == 401 || s.as_u16() == 403 => anyhow::anyhow!(
-            "the server at {server_url} refused the registration token ({}): check that it is right and has not expired or been revoked",
+            "the server at {server_url} refused {what} ({}): {hint}",
             error_chain(&e)
         ),
         Some(_) => anyhow::anyhow!(

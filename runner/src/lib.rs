@@ -6,6 +6,7 @@
 //!
 //! Code map:
 //! - [`agent`]: the acquire loop, draining, registration;
+//! - [`entra`]: Entra ID tokens from the machine's managed identity, for `register --entra`;
 //! - [`job`]: one job from first heartbeat to `complete`, behind the [`job::JobApi`] seam;
 //! - `checkout`: the `checkout` step's git commands, with a private repository's token passed to
 //!   git through its environment only;
@@ -30,6 +31,7 @@ pub mod backoff;
 mod checkout;
 pub mod clusters;
 pub mod doctor;
+pub mod entra;
 pub mod expand;
 pub mod job;
 pub mod kube_token;
@@ -41,7 +43,9 @@ pub mod spool;
 
 use std::path::PathBuf;
 
-pub use agent::{RegisterOptions, RunOptions, register, register_with, run, run_with_abort};
+pub use agent::{
+    RegisterOptions, RunOptions, register, register_with, register_with_entra, run, run_with_abort,
+};
 pub use settings::{Credentials, Settings};
 
 /// The config dir when none is given: `$OUTPOST_RUNNER_CONFIG_DIR`, else

@@ -82,14 +82,32 @@ struct RegisterArgs {
     /// The server's base URL, e.g. https://outpost.example.com.
     #[arg(long, value_name = "URL", env = "OUTPOST_SERVER")]
     server: String,
-    /// A registration token from the server's admin.
+    /// A registration token from the server's admin (or use --entra, which ignores it).
     #[arg(
         long,
         value_name = "REGTOKEN",
         env = "OUTPOST_REGISTRATION_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        required_unless_present = "entra"
     )]
-    token: String,
+    token: Option<String>,
+    /// Register with an Entra ID token from this machine's managed identity instead of a
+    /// registration token (the server must list the identity's object id in [[entra.principals]]).
+    #[arg(long)]
+    entra: bool,
+    /// With --entra: the client id of a user-assigned managed identity [default: the
+    /// system-assigned identity].
+    #[arg(long, value_name = "ID", requires = "entra")]
+    client_id: Option<String>,
+    /// With --entra: the audience to ask a token for (`<AUDIENCE>/.default`), or a whole scope
+    /// [default: the audience the server announces at /api/v1/runner/registration-info].
+    #[arg(
+        long,
+        visible_alias = "scope",
+        value_name = "AUDIENCE",
+        requires = "entra"
+    )]
+    audience: Option<String>,
     /// A name people recognise [default: this machine's host name].
     #[arg(long)]
     name: Option<String>,
@@ -172,8 +190,24 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         clusters: settings.clusters.keys().cloned().collect(),
         allow_insecure_http: settings.allow_insecure_http,
     };
-    let creds =
-        outpost_runner::register_with(&args.server, &args.token, &name, args.labels, opts).await?;
+    let creds = match &args.token {
+        Some(token) if !args.entra => {
+            outpost_runner::register_with(&args.server, token, &name, args.labels, opts).await?
+        }
+        _ => {
+            if args.token.is_some() {
+                tracing::warn!(
+                    "--entra: ignoring the registration token (--token or OUTPOST_REGISTRATION_TOKEN)"
+                );
+            }
+            let entra = outpost_runner::entra::EntraOptions {
+                client_id: args.client_id.clone(),
+                audience: args.audience.clone(),
+            };
+            outpost_runner::register_with_entra(&args.server, &entra, &name, args.labels, opts)
+                .await?
+        }
+    };
     creds.save(&dir)?;
     eprintln!(
         "registered runner {} ({}) with {}; credentials saved in {}",

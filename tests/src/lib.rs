@@ -14,10 +14,12 @@
 //! - `OUTPOST_TEST_HELM`: a `helm` binary to use instead of the one [`helm`] installs.
 //!
 //! Stand-ins and fixtures live in their own modules: [`kube`] is the fake Kubernetes API server,
+//! [`entra`] the Entra ID issuer (JWKS, minted tokens) and managed-identity endpoint,
 //! [`git`] makes repositories and serves one as a private forge.
 
 #![forbid(unsafe_code)]
 
+pub mod entra;
 pub mod git;
 pub mod identity;
 pub mod kube;

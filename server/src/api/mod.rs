@@ -32,6 +32,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Cancelled when the server shuts down, so long polls and streams end promptly.
     pub shutdown: CancellationToken,
+    /// Checks Entra ID tokens at runner registration; `None` when `[entra]` is not configured.
+    pub entra: Option<Arc<crate::entra::EntraVerifier>>,
 }
 
 /// The whole HTTP surface.
@@ -59,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/runners", get(runner::list))
         .route("/runner/register", post(runner::register))
         .route("/runner/me", get(runner::me))
+        .route("/runner/registration-info", get(runner::registration_info))
         .route("/runner/acquire", post(runner::acquire))
         .route("/runner/jobs/{id}/heartbeat", post(runner::heartbeat))
         .route("/runner/jobs/{id}/log", put(runner::append_log))
