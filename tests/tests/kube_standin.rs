@@ -1,0 +1,714 @@
+//! The Kubernetes API stand-in against the real clients: `kubectl` (`/usr/bin/kubectl`) and
+//! `helm` (from `scripts/install-helm`), over HTTPS with the stand-in's own CA and a bearer
+//! token, asserting on what the stand-in recorded and stored, not only on exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use base64::Engine as _;
+use outpost_tests::helm;
+use outpost_tests::kube::{DEFAULT_TOKEN, KubeRequest, KubeStandIn};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+/// How long one `kubectl` or `helm` call may take (debug-built stand-in, busy machine).
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a finished tool call gave.
+struct Output {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "success: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.success, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A test's own home for the tools (kubectl's discovery cache, helm's configuration) and a
+/// kubeconfig for the stand-in.
+struct Tools {
+    dir: TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Tools {
+    fn new(kube: &KubeStandIn, token: &str) -> Tools {
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-kube-standin-")
+            .tempdir()
+            .expect("a temporary directory can be created");
+        let kubeconfig = kube.write_kubeconfig(dir.path(), token);
+        Tools { dir, kubeconfig }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("a manifest can be written");
+        path
+    }
+
+    async fn run(&self, program: &Path, args: &[&str]) -> Output {
+        let home = self.path("home");
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &home)
+            .env("XDG_CACHE_HOME", home.join(".cache"))
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(TOOL_TIMEOUT, cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("{} {args:?} did not finish in time", program.display()))
+            .unwrap_or_else(|e| panic!("{} could not be started: {e}", program.display()));
+        Output {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn kubectl(&self, args: &[&str]) -> Output {
+        self.run(Path::new(KUBECTL), args).await
+    }
+
+    async fn kubectl_ok(&self, args: &[&str]) -> Output {
+        let out = self.kubectl(args).await;
+        assert!(out.success, "kubectl {args:?} failed:\n{out}");
+        out
+    }
+
+    async fn helm_ok(&self, args: &[&str]) -> Output {
+        let out = self.run(&helm().await, args).await;
+        assert!(out.success, "helm {args:?} failed:\n{out}");
+        out
+    }
+}
+
+fn writes(requests: &[KubeRequest]) -> Vec<&KubeRequest> {
+    requests
+        .iter()
+        .filter(|r| matches!(r.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE"))
+        .collect()
+}
+
+fn describe(requests: &[&KubeRequest]) -> String {
+    requests
+        .iter()
+        .map(|r| format!("{} {}?{} -> {}", r.method, r.path, r.query, r.status))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: shop
+data:
+  greeting: hello
+  colour: blue
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+  labels:
+    app: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+        - name: web
+          image: registry.example/web:1.0
+          ports:
+            - containerPort: 8080
+          env:
+            - name: GREETING
+              valueFrom:
+                configMapKeyRef:
+                  name: settings
+                  key: greeting
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector:
+    app: web
+  ports:
+    - port: 80
+      targetPort: 8080
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_gets_reapplies_and_deletes() {
+    let kube = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let manifest = tools.write("shop.yaml", SHOP);
+    let manifest = manifest.to_str().expect("a UTF-8 path");
+
+    // First apply: everything is created, over HTTPS with the token, validated by the server.
+    let out = tools.kubectl_ok(&["apply", "-f", manifest]).await;
+    for line in [
+        "namespace/shop created",
+        "configmap/settings created",
+        "deployment.apps/web created",
+        "service/web created",
+    ] {
+        assert!(out.stdout.contains(line), "{out}");
+    }
+    let requests = kube.requests();
+    let created = writes(&requests);
+    assert_eq!(
+        created
+            .iter()
+            .map(|r| (r.method.as_str(), r.path.as_str(), r.status))
+            .collect::<Vec<_>>(),
+        [
+            ("POST", "/api/v1/namespaces", 201),
+            ("POST", "/api/v1/namespaces/shop/configmaps", 201),
+            ("POST", "/apis/apps/v1/namespaces/shop/deployments", 201),
+            ("POST", "/api/v1/namespaces/shop/services", 201),
+        ],
+        "{}",
+        describe(&created)
+    );
+    for r in &created {
+        assert_eq!(r.token.as_deref(), Some(DEFAULT_TOKEN), "{r:?}");
+        assert!(r.body_size > 0, "{r:?}");
+        assert_eq!(r.content_type.as_deref(), Some("application/json"), "{r:?}");
+        // The OpenAPI v3 documents told kubectl that the server validates fields.
+        assert_eq!(
+            r.query_param("fieldValidation").as_deref(),
+            Some("Strict"),
+            "{r:?}"
+        );
+    }
+    assert!(requests.iter().all(|r| r.status != 401), "{requests:?}");
+
+    let deployment = kube
+        .object("deployments.apps", Some("shop"), "web")
+        .expect("the deployment is stored");
+    assert_eq!(deployment["metadata"]["generation"], 1);
+    assert_eq!(deployment["status"]["readyReplicas"], 2);
+    assert!(
+        deployment["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .is_string(),
+        "{deployment:#}"
+    );
+    let service = kube
+        .object("services", Some("shop"), "web")
+        .expect("the service is stored");
+    assert!(
+        service["spec"]["clusterIP"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.96."))
+    );
+
+    // kubectl get reads back what was stored.
+    let out = tools
+        .kubectl_ok(&[
+            "get",
+            "-n",
+            "shop",
+            "configmap/settings",
+            "deployment/web",
+            "-o",
+            "json",
+        ])
+        .await;
+    let list: Value = serde_json::from_str(&out.stdout).expect("kubectl printed JSON");
+    let items = list["items"].as_array().expect("a list");
+    assert_eq!(items.len(), 2, "{list:#}");
+    assert_eq!(items[0]["data"]["greeting"], "hello");
+    assert_eq!(
+        items[1]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example/web:1.0"
+    );
+    assert_eq!(items[1]["metadata"]["uid"], deployment["metadata"]["uid"]);
+    let out = tools
+        .kubectl_ok(&["get", "deployments", "-n", "shop"])
+        .await;
+    assert!(out.stdout.contains("web"), "{out}");
+    let out = tools
+        .kubectl_ok(&["get", "configmaps", "-A", "-l", "app!=x", "-o", "name"])
+        .await;
+    assert_eq!(out.stdout.trim(), "configmap/settings", "{out}");
+
+    // Applying the same manifest again changes nothing.
+    let before = kube.requests().len();
+    let out = tools.kubectl_ok(&["apply", "-f", manifest]).await;
+    assert!(
+        out.stdout.contains("deployment.apps/web unchanged"),
+        "{out}"
+    );
+    let again = kube.requests();
+    assert!(
+        writes(&again[before..]).is_empty(),
+        "{}",
+        describe(&writes(&again[before..]))
+    );
+    let same = kube
+        .object("deployments.apps", Some("shop"), "web")
+        .expect("still stored");
+    assert_eq!(
+        same["metadata"]["resourceVersion"],
+        deployment["metadata"]["resourceVersion"]
+    );
+
+    // A changed manifest is applied as strategic merge patches that keep what they do not
+    // mention: the container's env survives a new image.
+    let changed = SHOP
+        .replace("web:1.0", "web:2.0")
+        .replace("colour: blue", "size: large");
+    let manifest2 = tools.write("shop2.yaml", &changed);
+    let before = kube.requests().len();
+    let out = tools
+        .kubectl_ok(&["apply", "-f", manifest2.to_str().expect("a UTF-8 path")])
+        .await;
+    assert!(
+        out.stdout.contains("deployment.apps/web configured"),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("configmap/settings configured"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("service/web unchanged"), "{out}");
+    let requests = kube.requests();
+    let patches = writes(&requests[before..]);
+    assert_eq!(patches.len(), 2, "{}", describe(&patches));
+    for r in &patches {
+        assert_eq!(r.method, "PATCH");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.content_type.as_deref(),
+            Some("application/strategic-merge-patch+json")
+        );
+    }
+    let deployment = kube
+        .object("deployments.apps", Some("shop"), "web")
+        .expect("stored");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "registry.example/web:2.0");
+    assert_eq!(container["env"][0]["name"], "GREETING", "{deployment:#}");
+    assert_eq!(deployment["metadata"]["generation"], 2);
+    assert_eq!(deployment["status"]["observedGeneration"], 2);
+    let settings = kube
+        .object("configmaps", Some("shop"), "settings")
+        .expect("stored");
+    assert_eq!(
+        settings["data"],
+        serde_json::json!({"greeting": "hello", "size": "large"}),
+        "the key the manifest dropped is gone: {settings:#}"
+    );
+
+    // A server-side dry run goes to the server and stores nothing.
+    let before = kube.requests().len();
+    tools
+        .kubectl_ok(&[
+            "delete",
+            "configmap",
+            "settings",
+            "-n",
+            "shop",
+            "--dry-run=server",
+        ])
+        .await;
+    assert!(
+        kube.object("configmaps", Some("shop"), "settings")
+            .is_some()
+    );
+    let dry = kube.requests();
+    assert!(
+        dry[before..]
+            .iter()
+            .any(|r| r.method == "DELETE" && r.status == 200 && r.body_size > 0),
+        "{:?}",
+        &dry[before..]
+    );
+
+    // Deleting the manifest's objects removes them.
+    let out = tools
+        .kubectl_ok(&["delete", "-f", manifest2.to_str().expect("a UTF-8 path")])
+        .await;
+    assert!(
+        out.stdout.contains("deployment.apps \"web\" deleted"),
+        "{out}"
+    );
+    assert!(
+        kube.object("deployments.apps", Some("shop"), "web")
+            .is_none()
+    );
+    assert!(kube.object("namespaces", None, "shop").is_none());
+    assert!(kube.objects("configmaps", Some("shop")).is_empty());
+    let out = tools
+        .kubectl(&["get", "configmap", "settings", "-n", "shop"])
+        .await;
+    assert!(!out.success, "{out}");
+    assert!(out.stderr.contains("not found"), "{out}");
+}
+
+const ROLLOUT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: api
+  template:
+    metadata:
+      labels:
+        app: api
+    spec:
+      containers:
+        - name: api
+          image: registry.example/api:1
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_rollout_status_follows_the_deployment_status() {
+    let kube = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let manifest = tools.write("api.yaml", ROLLOUT);
+    tools
+        .kubectl_ok(&["apply", "-f", manifest.to_str().expect("a UTF-8 path")])
+        .await;
+
+    let out = tools
+        .kubectl_ok(&[
+            "rollout",
+            "status",
+            "deployment/api",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(out.stdout.contains("successfully rolled out"), "{out}");
+    let requests = kube.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/apis/apps/v1/namespaces/default/deployments"
+                && r.query_param("fieldSelector").as_deref() == Some("metadata.name=api")),
+        "rollout status lists or watches the deployment by name: {requests:#?}"
+    );
+
+    // A deployment whose status says a replica is not yet updated is not rolled out: the
+    // success above came from the status the stand-in reported, not from kubectl giving up.
+    tools
+        .kubectl_ok(&[
+            "patch",
+            "deployment",
+            "api",
+            "-n",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"updatedReplicas":2}}"#,
+        ])
+        .await;
+    let stored = kube
+        .object("deployments.apps", Some("default"), "api")
+        .expect("stored");
+    assert_eq!(stored["status"]["updatedReplicas"], 2, "{stored:#}");
+    let out = tools
+        .kubectl(&[
+            "rollout",
+            "status",
+            "deployment/api",
+            "-n",
+            "default",
+            "--timeout=3s",
+        ])
+        .await;
+    assert!(!out.success, "{out}");
+    assert!(
+        out.stdout
+            .contains("2 out of 3 new replicas have been updated"),
+        "{out}"
+    );
+    let watches = kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.query_param("watch").as_deref() == Some("true"))
+        .count();
+    assert!(watches > 0, "kubectl waited with a watch");
+
+    // A new generation (here a new image) is rolled out again by the stand-in's controller.
+    let changed = ROLLOUT.replace("api:1", "api:2");
+    let manifest = tools.write("api2.yaml", &changed);
+    tools
+        .kubectl_ok(&["apply", "-f", manifest.to_str().expect("a UTF-8 path")])
+        .await;
+    let out = tools
+        .kubectl_ok(&[
+            "rollout",
+            "status",
+            "deployment/api",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(out.stdout.contains("successfully rolled out"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_an_accepted_token_or_the_ca_are_refused() {
+    let kube = KubeStandIn::builder()
+        .token("the-right-token")
+        .start()
+        .await;
+
+    let wrong = Tools::new(&kube, "a-wrong-token");
+    let out = wrong.kubectl(&["get", "configmaps", "-n", "default"]).await;
+    assert!(!out.success, "{out}");
+    assert!(
+        out.stderr.contains("Unauthorized") || out.stderr.contains("must be logged in"),
+        "{out}"
+    );
+    let requests = kube.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.token.as_deref(), Some("a-wrong-token"), "{r:?}");
+    }
+
+    // The right token gets in; a token refused later is refused from then on.
+    let right = Tools::new(&kube, "the-right-token");
+    right
+        .kubectl_ok(&["get", "configmaps", "-n", "default"])
+        .await;
+    kube.refuse_token("the-right-token");
+    let out = right.kubectl(&["get", "configmaps", "-n", "default"]).await;
+    assert!(!out.success, "{out}");
+    assert_eq!(kube.requests().last().map(|r| r.status), Some(401));
+
+    // A client that trusts another CA does not get past TLS.
+    kube.accept_token("the-right-token");
+    let other = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, "the-right-token");
+    let foreign = other.kubeconfig_for(&kube.url(), "the-right-token");
+    std::fs::write(&tools.kubeconfig, foreign).expect("the kubeconfig can be replaced");
+    let before = kube.requests().len();
+    let out = tools.kubectl(&["get", "configmaps", "-n", "default"]).await;
+    assert!(!out.success, "{out}");
+    assert!(
+        out.stderr.contains("x509") || out.stderr.contains("certificate"),
+        "{out}"
+    );
+    assert_eq!(kube.requests().len(), before, "no request got through");
+    assert!(kube.tls_handshake_failures() > 0);
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("chart")
+}
+
+/// The release secrets helm stored for `release`, as `(version, status)` sorted by version.
+fn releases(kube: &KubeStandIn, namespace: &str, release: &str) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = kube
+        .objects("secrets", Some(namespace))
+        .into_iter()
+        .filter(|s| s["type"] == "helm.sh/release.v1" && s["metadata"]["labels"]["name"] == release)
+        .map(|s| {
+            let labels = &s["metadata"]["labels"];
+            assert_eq!(labels["owner"], "helm", "{s:#}");
+            (
+                labels["version"].as_str().unwrap_or_default().to_string(),
+                labels["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn image(kube: &KubeStandIn) -> String {
+    let deployment = kube
+        .object("deployments.apps", Some("shop"), "web")
+        .expect("the release's deployment is stored");
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_installs_upgrades_rolls_back_and_uninstalls() {
+    let kube = KubeStandIn::builder().namespace("shop").start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let chart = chart();
+    let chart = chart.to_str().expect("a UTF-8 path");
+    let install = |tag: &'static str| {
+        let tools = &tools;
+        async move {
+            tools
+                .helm_ok(&[
+                    "upgrade",
+                    "--install",
+                    "web",
+                    chart,
+                    "-n",
+                    "shop",
+                    "--wait",
+                    "--timeout",
+                    "90s",
+                    "--set",
+                    &format!("image.tag={tag}"),
+                ])
+                .await
+        }
+    };
+
+    let out = install("v1").await;
+    assert!(out.stdout.contains("STATUS: deployed"), "{out}");
+    assert!(out.stdout.contains("REVISION: 1"), "{out}");
+    assert_eq!(
+        releases(&kube, "shop", "web"),
+        [("1".into(), "deployed".into())]
+    );
+    assert_eq!(image(&kube), "registry.example/web:v1");
+    let config = kube
+        .object("configmaps", Some("shop"), "web-config")
+        .expect("the chart's configmap is stored");
+    assert_eq!(config["data"]["greeting"], "hello");
+    // The release record is what helm wrote: a gzipped, base64-encoded release in `data`.
+    let secret = kube
+        .object("secrets", Some("shop"), "sh.helm.release.v1.web.v1")
+        .expect("helm stored release 1 as a secret");
+    let release = secret["data"]["release"].as_str().expect("release data");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(release)
+        .expect("data is base64");
+    assert!(!decoded.is_empty());
+
+    let out = install("v2").await;
+    assert!(out.stdout.contains("REVISION: 2"), "{out}");
+    assert_eq!(
+        releases(&kube, "shop", "web"),
+        [
+            ("1".into(), "superseded".into()),
+            ("2".into(), "deployed".into())
+        ]
+    );
+    assert_eq!(image(&kube), "registry.example/web:v2");
+    let deployment = kube
+        .object("deployments.apps", Some("shop"), "web")
+        .expect("stored");
+    assert_eq!(deployment["metadata"]["generation"], 2, "{deployment:#}");
+
+    let out = tools.helm_ok(&["history", "web", "-n", "shop"]).await;
+    let rows: Vec<&str> = out.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].contains("superseded") && rows[1].contains("deployed"),
+        "{out}"
+    );
+
+    tools
+        .helm_ok(&[
+            "rollback",
+            "web",
+            "1",
+            "-n",
+            "shop",
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
+        .await;
+    assert_eq!(image(&kube), "registry.example/web:v1");
+    assert_eq!(
+        releases(&kube, "shop", "web"),
+        [
+            ("1".into(), "superseded".into()),
+            ("2".into(), "superseded".into()),
+            ("3".into(), "deployed".into())
+        ]
+    );
+
+    tools.helm_ok(&["uninstall", "web", "-n", "shop"]).await;
+    assert!(
+        kube.object("deployments.apps", Some("shop"), "web")
+            .is_none()
+    );
+    assert!(
+        kube.object("configmaps", Some("shop"), "web-config")
+            .is_none()
+    );
+    assert!(releases(&kube, "shop", "web").is_empty());
+
+    // Helm spoke the API: release secrets found by label, objects applied server-side, and
+    // every request carried the token.
+    let requests = kube.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.token.as_deref() == Some(DEFAULT_TOKEN))
+    );
+    assert!(requests.iter().all(|r| r.status < 500), "{requests:#?}");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/api/v1/namespaces/shop/secrets"
+                && r.query_param("labelSelector")
+                    .is_some_and(|s| s.contains("owner=helm"))),
+        "{requests:#?}"
+    );
+    let methods: std::collections::BTreeSet<(&str, Option<&str>)> = requests
+        .iter()
+        .filter(|r| {
+            r.path
+                .starts_with("/apis/apps/v1/namespaces/shop/deployments")
+        })
+        .map(|r| (r.method.as_str(), r.content_type.as_deref()))
+        .collect();
+    assert!(
+        methods.iter().any(|(m, _)| *m == "DELETE"),
+        "helm deleted the deployment: {methods:?}"
+    );
+}
