@@ -65,7 +65,7 @@ impl Tools {
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .env_clear()
-            .env("PATH", "/usr/bin:/bin")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", &home)
             .env("XDG_CACHE_HOME", home.join(".cache"))
             .env("XDG_CONFIG_HOME", home.join(".config"))
@@ -475,6 +475,24 @@ async fn kubectl_rollout_status_follows_the_deployment_status() {
         .count();
     assert!(watches > 0, "kubectl waited with a watch");
 
+    // Scaling goes through the scale subresource and is rolled out at once.
+    let out = tools
+        .kubectl_ok(&["scale", "deployment/api", "-n", "default", "--replicas=5"])
+        .await;
+    assert!(out.stdout.contains("deployment.apps/api scaled"), "{out}");
+    let scaled = kube
+        .object("deployments.apps", Some("default"), "api")
+        .expect("stored");
+    assert_eq!(scaled["spec"]["replicas"], 5);
+    assert_eq!(scaled["status"]["readyReplicas"], 5);
+    assert!(
+        kube.requests().iter().any(|r| r.method == "PATCH"
+            && r.path.ends_with("/deployments/api/scale")
+            && r.status == 200),
+        "{:#?}",
+        kube.requests()
+    );
+
     // A new generation (here a new image) is rolled out again by the stand-in's controller.
     let changed = ROLLOUT.replace("api:1", "api:2");
     let manifest = tools.write("api2.yaml", &changed);
@@ -682,6 +700,28 @@ async fn helm_installs_upgrades_rolls_back_and_uninstalls() {
     );
     assert!(releases(&kube, "shop", "web").is_empty());
 
+    // A release into a namespace helm creates itself (the typed client sends it as protobuf).
+    let out = tools
+        .helm_ok(&[
+            "install",
+            "api",
+            chart,
+            "-n",
+            "fresh",
+            "--create-namespace",
+            "--wait",
+        ])
+        .await;
+    assert!(out.stdout.contains("STATUS: deployed"), "{out}");
+    let fresh = kube
+        .object("namespaces", None, "fresh")
+        .expect("helm created the namespace");
+    assert_eq!(fresh["status"]["phase"], "Active");
+    assert_eq!(
+        releases(&kube, "fresh", "api"),
+        [("1".into(), "deployed".into())]
+    );
+
     // Helm spoke the API: release secrets found by label, objects applied server-side, and
     // every request carried the token.
     let requests = kube.requests();
@@ -711,4 +751,404 @@ async fn helm_installs_upgrades_rolls_back_and_uninstalls() {
         methods.iter().any(|(m, _)| *m == "DELETE"),
         "helm deleted the deployment: {methods:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_and_every_patch_type_change_the_stored_object() {
+    let kube = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let first = tools.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: flags\n  namespace: default\n  \
+         labels:\n    tier: web\ndata:\n  a: \"1\"\n  b: \"2\"\n",
+    );
+    let out = tools
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "-f",
+            first.to_str().expect("UTF-8"),
+        ])
+        .await;
+    assert!(
+        out.stdout.contains("configmap/flags serverside-applied"),
+        "{out}"
+    );
+    let applied = kube.requests();
+    let apply = applied
+        .iter()
+        .find(|r| r.method == "PATCH")
+        .expect("kubectl sent the apply as a PATCH");
+    assert_eq!(
+        apply.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(
+        apply.query_param("fieldManager").as_deref(),
+        Some("kubectl")
+    );
+    assert_eq!(apply.status, 201, "an apply of a new object creates it");
+
+    // Applying again without `b` removes what this field manager no longer applies.
+    let second = tools.write(
+        "cm2.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: flags\n  namespace: default\n  \
+         labels:\n    tier: web\ndata:\n  a: \"1\"\n  c: \"3\"\n",
+    );
+    tools
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "-f",
+            second.to_str().expect("UTF-8"),
+        ])
+        .await;
+    let data = |kube: &KubeStandIn| {
+        kube.object("configmaps", Some("default"), "flags")
+            .expect("stored")["data"]
+            .clone()
+    };
+    assert_eq!(data(&kube), serde_json::json!({"a": "1", "c": "3"}));
+
+    // JSON patch, merge patch and strategic merge patch, as `kubectl patch` sends them.
+    tools
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "flags",
+            "-n",
+            "default",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/data/d","value":"4"}]"#,
+        ])
+        .await;
+    tools
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "flags",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"a":null}}"#,
+        ])
+        .await;
+    tools
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "flags",
+            "-n",
+            "default",
+            "-p",
+            r#"{"data":{"e":"5"}}"#,
+        ])
+        .await;
+    assert_eq!(
+        data(&kube),
+        serde_json::json!({"c": "3", "d": "4", "e": "5"})
+    );
+    let types: Vec<String> = kube
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .filter_map(|r| r.content_type.clone())
+        .collect();
+    assert_eq!(
+        types[2..],
+        [
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json"
+        ]
+    );
+
+    // A JSON patch that cannot apply is refused and changes nothing.
+    let out = tools
+        .kubectl(&[
+            "patch",
+            "configmap",
+            "flags",
+            "-n",
+            "default",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/data/missing"}]"#,
+        ])
+        .await;
+    assert!(!out.success, "{out}");
+    assert_eq!(kube.requests().last().map(|r| r.status), Some(422));
+    assert_eq!(
+        data(&kube),
+        serde_json::json!({"c": "3", "d": "4", "e": "5"})
+    );
+
+    // Labels select, creating twice conflicts, a server-side dry run stores nothing.
+    tools
+        .kubectl_ok(&[
+            "label",
+            "configmap",
+            "flags",
+            "-n",
+            "default",
+            "release=canary",
+        ])
+        .await;
+    let out = tools
+        .kubectl_ok(&[
+            "get",
+            "configmaps",
+            "-n",
+            "default",
+            "-l",
+            "tier in (web),release=canary",
+            "-o",
+            "name",
+        ])
+        .await;
+    assert_eq!(out.stdout.trim(), "configmap/flags", "{out}");
+    let out = tools
+        .kubectl_ok(&[
+            "get",
+            "configmaps",
+            "-n",
+            "default",
+            "-l",
+            "release!=canary",
+            "-o",
+            "name",
+        ])
+        .await;
+    assert_eq!(out.stdout.trim(), "", "{out}");
+    let out = tools
+        .kubectl(&[
+            "create",
+            "configmap",
+            "flags",
+            "-n",
+            "default",
+            "--from-literal=x=y",
+        ])
+        .await;
+    assert!(
+        !out.success && out.stderr.contains("configmaps \"flags\" already exists"),
+        "{out}"
+    );
+    assert_eq!(kube.requests().last().map(|r| r.status), Some(409));
+    tools
+        .kubectl_ok(&[
+            "create",
+            "configmap",
+            "ghost",
+            "-n",
+            "default",
+            "--from-literal=x=y",
+            "--dry-run=server",
+        ])
+        .await;
+    assert!(
+        kube.object("configmaps", Some("default"), "ghost")
+            .is_none()
+    );
+    let last = kube.requests().pop().expect("a request");
+    assert_eq!((last.method.as_str(), last.status), ("POST", 201));
+    assert_eq!(last.query_param("dryRun").as_deref(), Some("All"));
+
+    // A Secret's stringData is stored base64-encoded in data, as the real server does.
+    tools
+        .kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "db",
+            "-n",
+            "default",
+            "--from-literal=password=hunter2",
+        ])
+        .await;
+    let secret = kube
+        .object("secrets", Some("default"), "db")
+        .expect("stored");
+    assert_eq!(secret["data"]["password"], "aHVudGVyMg==");
+    assert_eq!(secret["type"], "Opaque");
+
+    // Objects in a namespace that does not exist are refused.
+    let out = tools
+        .kubectl(&[
+            "create",
+            "configmap",
+            "lost",
+            "-n",
+            "nowhere",
+            "--from-literal=x=y",
+        ])
+        .await;
+    assert!(
+        !out.success && out.stderr.contains("namespaces \"nowhere\" not found"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_watch_sees_changes_as_they_happen() {
+    let kube = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    tools
+        .kubectl_ok(&[
+            "create",
+            "configmap",
+            "before",
+            "-n",
+            "default",
+            "--from-literal=x=1",
+        ])
+        .await;
+    let home = tools.path("home");
+    let mut watch = tokio::process::Command::new(KUBECTL)
+        .args([
+            "get",
+            "configmaps",
+            "-n",
+            "default",
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            "jsonpath={.type} {.object.metadata.name}{\"\\n\"}",
+        ])
+        .env_clear()
+        .env("HOME", &home)
+        .env("KUBECONFIG", &tools.kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl starts");
+    let stdout = watch.stdout.take().expect("piped");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut next = async || {
+        tokio::time::timeout(TOOL_TIMEOUT, lines.next_line())
+            .await
+            .expect("kubectl printed the next event in time")
+            .expect("kubectl's output can be read")
+            .expect("kubectl is still watching")
+    };
+    assert_eq!(next().await, "ADDED before");
+    tools
+        .kubectl_ok(&[
+            "create",
+            "configmap",
+            "during",
+            "-n",
+            "default",
+            "--from-literal=x=1",
+        ])
+        .await;
+    assert_eq!(next().await, "ADDED during");
+    tools
+        .kubectl_ok(&["label", "configmap", "during", "-n", "default", "seen=yes"])
+        .await;
+    assert_eq!(next().await, "MODIFIED during");
+    tools
+        .kubectl_ok(&["delete", "configmap", "before", "-n", "default"])
+        .await;
+    assert_eq!(next().await, "DELETED before");
+    let watches: Vec<KubeRequest> = kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.query_param("watch").as_deref() == Some("true"))
+        .collect();
+    assert!(
+        !watches.is_empty(),
+        "kubectl watched: {:?}",
+        kube.requests()
+    );
+    assert!(watches.iter().all(|r| r.status == 200));
+}
+
+/// A network namespace made by the test, deleted when dropped (also when the test fails).
+struct NetNs(String);
+
+impl NetNs {
+    fn new() -> NetNs {
+        let name = format!("outpost-kube-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("the ip command runs (iproute2 is installed)");
+            assert!(status.success(), "ip {args:?} failed (the test needs root)");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = NetNs(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_names_the_dns_name_and_the_stand_in_serves_inside_a_netns() {
+    const NAME: &str = "aks-prod.privatelink.westeurope.azmk8s.io";
+    let netns = NetNs::new();
+    let listener = outpost_tests::kube::bind_in_netns(&netns.0, "127.0.0.1:0".parse().unwrap())
+        .expect("a listener can be bound inside the namespace");
+    let kube = KubeStandIn::builder()
+        .listener(listener)
+        .dns_name(NAME)
+        .start()
+        .await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let kubectl = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", &netns.0, KUBECTL];
+        all.extend_from_slice(args);
+        all.into_iter().map(str::to_string).collect::<Vec<String>>()
+    };
+    let run_inside = async |args: &[&str]| {
+        let args = kubectl(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tools.run(Path::new("ip"), &args).await
+    };
+
+    // Inside the namespace kubectl reaches it, by IP and by the DNS name in the certificate.
+    let out = run_inside(&["get", "namespaces", "-o", "name"]).await;
+    assert!(
+        out.success && out.stdout.contains("namespace/default"),
+        "{out}"
+    );
+    let by_name = kube.kubeconfig_for(&kube.url(), DEFAULT_TOKEN).replace(
+        "    server:",
+        &format!("    tls-server-name: {NAME}\n    server:"),
+    );
+    std::fs::write(&tools.kubeconfig, &by_name).expect("the kubeconfig can be replaced");
+    let out = run_inside(&["get", "namespaces", "-o", "name"]).await;
+    assert!(out.success, "{out}");
+    let wrong_name = by_name.replace(NAME, "aks-other.privatelink.westeurope.azmk8s.io");
+    std::fs::write(&tools.kubeconfig, &wrong_name).expect("the kubeconfig can be replaced");
+    let out = run_inside(&["get", "namespaces", "-o", "name"]).await;
+    assert!(!out.success, "{out}");
+    assert!(
+        out.stderr.contains("x509") || out.stderr.contains("certificate"),
+        "{out}"
+    );
+
+    // From the host, the same address reaches nothing.
+    std::fs::write(&tools.kubeconfig, &by_name).expect("the kubeconfig can be replaced");
+    let before = kube.requests().len();
+    let out = tools
+        .kubectl(&["get", "namespaces", "--request-timeout=5s"])
+        .await;
+    assert!(!out.success, "{out}");
+    assert!(out.stderr.contains("refused"), "{out}");
+    assert_eq!(kube.requests().len(), before);
+    assert!(kube.requests().iter().all(|r| r.status == 200));
 }

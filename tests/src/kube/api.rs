@@ -290,18 +290,19 @@ fn route(
             }
         }
     };
-    if target
-        .subresource
-        .as_deref()
-        .is_some_and(|s| s != "status" || !target.rt.status_subresource)
-    {
-        return Err(ApiError::path_not_found());
-    }
     let query = Query::parse(uri);
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    match target.subresource.as_deref() {
+        None => {}
+        Some("status") if target.rt.status_subresource => {}
+        Some("scale") if target.rt.has_scale() && target.name.is_some() => {
+            return scale(shared, &target, method, &query, content_type, body);
+        }
+        Some(_) => return Err(ApiError::path_not_found()),
+    }
     match (method, target.name.is_some()) {
         (&Method::GET, false) if query.flag("watch") => watch(shared, &target, &query),
         (&Method::GET, false) => list(shared, &target, &query),
@@ -647,6 +648,123 @@ fn conflict(rt: &ResourceType, name: &str) -> ApiError {
     .with_details(rt, name)
 }
 
+fn patch_type(content_type: &str) -> Result<PatchType, ApiError> {
+    PatchType::from_content_type(content_type).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types \
+                 include: application/json-patch+json, application/merge-patch+json, \
+                 application/apply-patch+yaml, application/strategic-merge-patch+json; got \
+                 {content_type}"
+            ),
+        )
+    })
+}
+
+/// Applies a JSON, merge or strategic merge patch (server-side apply has its own path).
+fn apply_patch(patch_type: PatchType, object: &mut Value, patch: &Value) -> Result<(), ApiError> {
+    match patch_type {
+        PatchType::Json => patch::json_patch(object, patch)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))?,
+        PatchType::Merge => patch::merge_patch(object, patch),
+        PatchType::StrategicMerge => patch::strategic_merge_patch(object, patch),
+        PatchType::Apply => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                "apply patches are not supported here",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The `autoscaling/v1` `Scale` view of a workload.
+fn scale_of(object: &Value) -> Value {
+    let meta = &object["metadata"];
+    let selector: Vec<String> = object["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "resourceVersion": meta["resourceVersion"],
+            "creationTimestamp": meta["creationTimestamp"]
+        },
+        "spec": {"replicas": object["spec"]["replicas"]},
+        "status": {
+            "replicas": object["status"]["replicas"].as_i64().unwrap_or(0),
+            "selector": selector.join(",")
+        }
+    })
+}
+
+/// The `scale` subresource (`kubectl scale`): reads and writes `spec.replicas` through a
+/// `Scale` object.
+fn scale(
+    shared: &Shared,
+    target: &Target,
+    method: &Method,
+    query: &Query,
+    content_type: &str,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let name = target.name.as_deref().expect("routed with a name");
+    let main = Target {
+        rt: target.rt,
+        namespace: target.namespace.clone(),
+        name: target.name.clone(),
+        subresource: None,
+    };
+    let mut store = lock(&shared.store);
+    let old = store
+        .get(&key_of(target, name))
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(target.rt, name))?;
+    let current = scale_of(&old);
+    let wanted = match *method {
+        Method::GET => return ok(&current),
+        Method::PUT => parse_body(content_type, body)?,
+        Method::PATCH => {
+            let patch: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+            let mut scale = current;
+            apply_patch(patch_type(content_type)?, &mut scale, &patch)?;
+            scale
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "the scale subresource allows GET, PUT and PATCH",
+            ));
+        }
+    };
+    let replicas = wanted["spec"]["replicas"].as_i64().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "spec.replicas: Required value",
+        )
+    })?;
+    let mut object = old.clone();
+    object["spec"]["replicas"] = json!(replicas);
+    let (object, _) = write(&mut store, &main, Some(&old), object, query.dry_run())?;
+    ok(&scale_of(&object))
+}
+
 fn patch_object(
     shared: &Shared,
     target: &Target,
@@ -655,13 +773,7 @@ fn patch_object(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let name = target.name.as_deref().expect("routed with a name");
-    let patch_type = PatchType::from_content_type(content_type).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json; got {content_type}"),
-        )
-    })?;
+    let patch_type = patch_type(content_type)?;
     let patch: Value = match patch_type {
         PatchType::Apply => parse_body("application/yaml", body)?,
         _ => serde_json::from_slice(body)
@@ -706,13 +818,7 @@ fn patch_object(
     }
     let old = old.ok_or_else(|| ApiError::not_found(target.rt, name))?;
     let mut object = old.clone();
-    match patch_type {
-        PatchType::Json => patch::json_patch(&mut object, &patch)
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))?,
-        PatchType::Merge => patch::merge_patch(&mut object, &patch),
-        PatchType::StrategicMerge => patch::strategic_merge_patch(&mut object, &patch),
-        PatchType::Apply => unreachable!("handled above"),
-    }
+    apply_patch(patch_type, &mut object, &patch)?;
     check_identity(target, &mut object, Some(name))?;
     let sent = &patch["metadata"]["resourceVersion"];
     if sent.is_string() && old["metadata"]["resourceVersion"] != *sent {

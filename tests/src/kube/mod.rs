@@ -2,44 +2,64 @@
 //! test machine: an HTTPS server with a CA of its own that checks bearer tokens and implements
 //! enough of the real API, in the real wire format, for the real `kubectl` and `helm`.
 //!
+//! Start one with [`KubeStandIn::start`] (on `127.0.0.1:0`), [`KubeStandIn::start_on`] (an
+//! address and a DNS name for the certificate, e.g. `10.77.0.2:6443` and
+//! `aks-prod.privatelink.westeurope.azmk8s.io`) or [`KubeStandIn::builder`] (tokens, namespaces,
+//! extra resource types, or a listener bound inside a network namespace with
+//! [`bind_in_netns`]).
+//! A fresh CA and server certificate are made at every start; [`KubeStandIn::write_kubeconfig`]
+//! writes a kubeconfig that carries the CA and a bearer token.
+//!
 //! What it serves:
 //! - Discovery: `/version`, `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}` (legacy JSON
 //!   discovery, which clients use when the server offers no aggregated discovery), and OpenAPI
 //!   v3 documents that tell clients the server validates fields itself, so that `kubectl apply`
-//!   and `helm` send `fieldValidation=Strict` instead of validating against a schema.
+//!   and `helm` send `fieldValidation=Strict` instead of validating against a schema (no
+//!   `/openapi/v2`: with the v3 documents no client asks for it).
 //! - Generic CRUD over a table of resource types ([`ResourceType`], [`default_resources`]:
 //!   namespaces, configmaps, secrets, services, serviceaccounts, pods, events, deployments,
 //!   replicasets and more; tests may add their own): get, list with `labelSelector` and
 //!   `fieldSelector`, create (`409 AlreadyExists`), replace (`409 Conflict` on a stale
-//!   `resourceVersion`), delete and delete-collection, `?dryRun=All`, and the `status`
-//!   subresource.
+//!   `resourceVersion`), delete (with `DeleteOptions`: dry run, preconditions) and
+//!   delete-collection, `?dryRun=All`, the `status` subresource, and the `scale` subresource of
+//!   Deployments, StatefulSets and ReplicaSets.
 //!   Objects get `uid`, `resourceVersion` (one global counter), `generation` (bumped when
-//!   anything outside `metadata` and `status` changes) and `creationTimestamp`.
+//!   anything outside `metadata` and `status` changes) and `creationTimestamp`; a write that
+//!   changes nothing keeps the resource version.
 //!   Namespaced objects need their Namespace to exist (`default`, `kube-system`, `kube-public`
-//!   and `kube-node-lease` always do).
+//!   and `kube-node-lease` always do); a deleted Namespace turns `Terminating`, refuses new
+//!   objects, and half a second later disappears with everything in it.
+//! - Bodies in JSON or YAML, and in protobuf for the kinds typed client-go clientsets send
+//!   (Secret, ConfigMap, Namespace, DeleteOptions: helm's release storage and
+//!   `--create-namespace`); answers are always JSON.
 //! - PATCH: JSON patch and JSON merge patch (exact, via the `json-patch` crate), strategic
 //!   merge patch (maps merged, `null` deletes, lists of the built-in types' keyed fields such
 //!   as `containers`, `env`, `ports`, `volumes` merged by their key with the `$patch`,
 //!   `$setElementOrder` and `$deleteFromPrimitiveList` directives, other lists replaced) and
 //!   server-side apply (the applied configuration merged into the object, fields the same field
 //!   manager stopped applying removed, lists replaced, no conflicts between managers).
-//! - WATCH (`?watch=true`): initial events, replay from a resource version, bookmarks for
-//!   streaming lists, live events, selectors, `timeoutSeconds`.
+//! - WATCH (`?watch=true`): initial events, replay from a resource version, streaming lists
+//!   (`sendInitialEvents=true` ending with the `k8s.io/initial-events-end` bookmark, as helm's
+//!   `--wait` asks for), live events, selectors (an object that stops matching is sent as
+//!   `DELETED`), `timeoutSeconds`.
 //! - A control plane reduced to what deployment tools wait for: a Deployment is reported rolled
 //!   out (all replicas updated, ready and available, `Available` and `Progressing` with reason
-//!   `NewReplicaSetAvailable`) as soon as it is written; Services get a cluster IP; Secrets'
-//!   `stringData` moves into `data`.
+//!   `NewReplicaSetAvailable`, `observedGeneration` current) as soon as it is written; Services
+//!   get a cluster IP; Secrets' `stringData` moves into `data`.
+//!   A test can make a rollout look stuck by writing the `status` subresource.
 //!
-//! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment, no other kind gets a
-//! status of its own, no garbage collection through owner references, no admission webhooks,
-//! no RBAC (every accepted token may do everything), no protobuf, no Table output (kubectl then
-//! prints names and ages itself), no `managedFields`, lists are never paginated, a deleted
-//! Namespace takes its objects with it at once instead of `Terminating` first, and the field
-//! selector accepts any dotted path.
+//! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment and no other kind gets
+//! a status of its own (a StatefulSet or Job never looks ready to `helm --wait`), no garbage
+//! collection through owner references, no admission webhooks, no RBAC (every accepted token
+//! may do everything), no schema validation (unknown fields are kept, not refused), no Table
+//! output (kubectl then prints names and ages itself), no `managedFields`, lists are never
+//! paginated, the field selector accepts any dotted path, and the whole change history is kept,
+//! so a watch never gets `410 Gone`.
 //!
 //! Every request is recorded ([`KubeRequest`]): method, path, query, content type, user agent,
 //! bearer token, body size and the status answered; a request without an accepted token gets
 //! `401` with a `Status` object, as from the real server.
+//! Failed TLS handshakes (a client that does not trust the CA) are counted.
 
 mod api;
 mod patch;

@@ -36,6 +36,11 @@ impl ResourceType {
         }
     }
 
+    /// Whether the type has a `scale` subresource (the replicated workloads).
+    pub fn has_scale(&self) -> bool {
+        self.group == "apps" && matches!(self.kind, "Deployment" | "StatefulSet" | "ReplicaSet")
+    }
+
     /// The path prefix of the group-version, `/api/v1` or `/apis/apps/v1`.
     pub fn group_version_path(&self) -> String {
         if self.group.is_empty() {
@@ -197,6 +202,17 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
                 "singularName": "",
                 "namespaced": r.namespaced,
                 "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if r.has_scale() {
+            entries.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }

@@ -252,7 +252,8 @@ pub fn apply_defaults(
                 }
                 object["data"] = Value::Object(data);
             }
-            if object["type"].is_null() {
+            // The real defaulting treats an empty type as no type.
+            if object["type"].as_str().is_none_or(str::is_empty) {
                 object["type"] = json!("Opaque");
             }
         }
@@ -266,7 +267,7 @@ pub fn apply_defaults(
         }
         ("", "Service") => {
             let spec = &mut object["spec"];
-            if spec["type"].is_null() {
+            if spec["type"].as_str().is_none_or(str::is_empty) {
                 spec["type"] = json!("ClusterIP");
             }
             if spec["type"] != "ExternalName" && spec["clusterIP"].is_null() {
