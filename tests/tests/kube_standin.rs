@@ -543,6 +543,23 @@ async fn requests_without_an_accepted_token_or_the_ca_are_refused() {
     assert!(!out.success, "{out}");
     assert_eq!(kube.requests().last().map(|r| r.status), Some(401));
 
+    // A rule of the test's own lets in the tokens it likes, and only those.
+    kube.accept_only(&[]);
+    kube.accept_tokens_where(Some(std::sync::Arc::new(|t: &str| {
+        t.starts_with("issued-")
+    })));
+    let issued = Tools::new(&kube, "issued-by-the-identity-stand-in");
+    issued
+        .kubectl_ok(&["get", "configmaps", "-n", "default"])
+        .await;
+    let out = right.kubectl(&["get", "configmaps", "-n", "default"]).await;
+    assert!(!out.success, "{out}");
+    kube.accept_tokens_where(None);
+    let out = issued
+        .kubectl(&["get", "configmaps", "-n", "default"])
+        .await;
+    assert!(!out.success, "{out}");
+
     // A client that trusts another CA does not get past TLS.
     kube.accept_token("the-right-token");
     let other = KubeStandIn::start().await;

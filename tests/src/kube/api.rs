@@ -27,16 +27,31 @@ pub struct Shared {
     pub store: Mutex<Store>,
     /// The bearer tokens that are let in.
     pub tokens: Mutex<HashSet<String>>,
+    /// A test's own rule for tokens not in `tokens` (say, any token an identity stand-in
+    /// issued).
+    pub token_rule: Mutex<Option<TokenRule>>,
     /// Every request answered, in order.
     pub requests: Mutex<Vec<KubeRequest>>,
     /// The address `/api` names as the server's.
     pub server_address: String,
 }
 
+/// A rule that decides whether a bearer token is let in.
+pub type TokenRule = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// How long the namespace controller takes to empty and remove a deleted namespace: clients
 /// that delete a namespace and then its objects (`kubectl delete -f` of a manifest that holds
 /// both) find them still there, as on a real cluster.
 const NAMESPACE_FINALIZE_DELAY: Duration = Duration::from_millis(500);
+
+impl Shared {
+    fn rule_accepts(&self, token: &str) -> bool {
+        // The rule is cloned out of the lock so that it may take its time, or lock things
+        // of its own, without holding up other requests.
+        let rule = lock(&self.token_rule).clone();
+        rule.is_some_and(|rule| rule(token))
+    }
+}
 
 /// Locks a mutex, shrugging off a panic in another holder: the data stays usable for a test.
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,7 +173,7 @@ pub async fn handle(
     let token = bearer(&headers);
     let allowed = token
         .as_ref()
-        .is_some_and(|t| lock(&shared.tokens).contains(t));
+        .is_some_and(|t| lock(&shared.tokens).contains(t) || shared.rule_accepts(t));
     let response = if allowed {
         route(&shared, &method, &uri, &headers, &body).unwrap_or_else(IntoResponse::into_response)
     } else {

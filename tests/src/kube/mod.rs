@@ -81,6 +81,8 @@ use serde_json::{Value, json};
 pub use resources::{ResourceType, default_resources};
 pub use selectors::{FieldSelector, LabelSelector};
 
+pub use api::TokenRule;
+
 use api::{Shared, lock};
 use store::{Key, Store};
 
@@ -206,6 +208,7 @@ impl KubeStandInBuilder {
             resources: self.resources,
             store: Mutex::new(Store::new()),
             tokens: Mutex::new(tokens),
+            token_rule: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
             server_address: SocketAddr::new(ip, addr.port()).to_string(),
         });
@@ -336,6 +339,18 @@ impl KubeStandIn {
     /// Accepts `token` from now on.
     pub fn accept_token(&self, token: &str) {
         lock(&self.shared.tokens).insert(token.to_string());
+    }
+
+    /// Accepts exactly `tokens` from now on, and no others (a rule set with
+    /// [`accept_tokens_where`](Self::accept_tokens_where) still applies).
+    pub fn accept_only(&self, tokens: &[&str]) {
+        *lock(&self.shared.tokens) = tokens.iter().map(|t| t.to_string()).collect();
+    }
+
+    /// Also accepts every token for which `rule` says yes, e.g. any token an identity stand-in
+    /// issued for the AKS audience; `None` removes the rule.
+    pub fn accept_tokens_where(&self, rule: Option<TokenRule>) {
+        *lock(&self.shared.token_rule) = rule;
     }
 
     /// Refuses `token` from now on.
