@@ -1169,3 +1169,106 @@ async fn the_certificate_names_the_dns_name_and_the_stand_in_serves_inside_a_net
     assert_eq!(kube.requests().len(), before);
     assert!(kube.requests().iter().all(|r| r.status == 200));
 }
+
+const WORKLOADS: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+  namespace: default
+spec:
+  replicas: 2
+  serviceName: db
+  selector:
+    matchLabels:
+      app: db
+  template:
+    metadata:
+      labels:
+        app: db
+    spec:
+      containers:
+        - name: db
+          image: registry.example/db:16
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+  namespace: default
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: migrate
+          image: registry.example/migrate:1
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: data
+  namespace: default
+spec:
+  accessModes: [ReadWriteOnce]
+  resources:
+    requests:
+      storage: 1Gi
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefulsets_jobs_and_claims_reach_the_states_tools_wait_for() {
+    let kube = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let manifest = tools.write("workloads.yaml", WORKLOADS);
+    tools
+        .kubectl_ok(&["apply", "-f", manifest.to_str().expect("UTF-8")])
+        .await;
+    let out = tools
+        .kubectl_ok(&[
+            "rollout",
+            "status",
+            "statefulset/db",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(
+        out.stdout.contains("roll out complete") || out.stdout.contains("rolling update complete"),
+        "{out}"
+    );
+    let out = tools
+        .kubectl_ok(&[
+            "wait",
+            "--for=condition=complete",
+            "job/migrate",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(
+        out.stdout.contains("job.batch/migrate condition met"),
+        "{out}"
+    );
+    let out = tools
+        .kubectl_ok(&[
+            "wait",
+            "--for=jsonpath={.status.phase}=Bound",
+            "pvc/data",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(out.stdout.contains("condition met"), "{out}");
+    let job = kube
+        .object("jobs.batch", Some("default"), "migrate")
+        .expect("stored");
+    assert_eq!(job["status"]["succeeded"], 1, "{job:#}");
+    let db = kube
+        .object("statefulsets.apps", Some("default"), "db")
+        .expect("stored");
+    assert_eq!(db["status"]["readyReplicas"], 2, "{db:#}");
+}

@@ -42,14 +42,17 @@
 //!   (`sendInitialEvents=true` ending with the `k8s.io/initial-events-end` bookmark, as helm's
 //!   `--wait` asks for), live events, selectors (an object that stops matching is sent as
 //!   `DELETED`), `timeoutSeconds`.
-//! - A control plane reduced to what deployment tools wait for: a Deployment is reported rolled
-//!   out (all replicas updated, ready and available, `Available` and `Progressing` with reason
-//!   `NewReplicaSetAvailable`, `observedGeneration` current) as soon as it is written; Services
-//!   get a cluster IP; Secrets' `stringData` moves into `data`.
+//! - A control plane reduced to what deployment tools wait for, reported as soon as an object
+//!   is written: a Deployment rolled out (all replicas updated, ready and available,
+//!   `Available` and `Progressing` with reason `NewReplicaSetAvailable`, `observedGeneration`
+//!   current), likewise ReplicaSets, StatefulSets and DaemonSets (as on one node), a Job
+//!   complete, a Pod running and ready, a PersistentVolumeClaim bound, a LoadBalancer Service
+//!   with an address; the workloads' defaults (replicas, update strategies, history limits);
+//!   Services get a cluster IP; Secrets' `stringData` moves into `data`.
 //!   A test can make a rollout look stuck by writing the `status` subresource.
 //!
-//! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment and no other kind gets
-//! a status of its own (a StatefulSet or Job never looks ready to `helm --wait`), no garbage
+//! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment (so no `rollout
+//! history`, no `kubectl logs`), other kinds get no status of their own, no garbage
 //! collection through owner references, no admission webhooks, no RBAC (every accepted token
 //! may do everything), no schema validation (unknown fields are kept, not refused), no Table
 //! output (kubectl then prints names and ages itself), no `managedFields`, lists are never

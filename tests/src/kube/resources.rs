@@ -36,6 +36,26 @@ impl ResourceType {
         }
     }
 
+    /// The categories `kubectl get CATEGORY` expands, as the real server files its types.
+    pub fn categories(&self) -> &'static [&'static str] {
+        const WORKLOADS: [&str; 9] = [
+            "Pod",
+            "Service",
+            "Deployment",
+            "ReplicaSet",
+            "StatefulSet",
+            "DaemonSet",
+            "Job",
+            "CronJob",
+            "HorizontalPodAutoscaler",
+        ];
+        if WORKLOADS.contains(&self.kind) {
+            &["all"]
+        } else {
+            &[]
+        }
+    }
+
     /// Whether the type has a `scale` subresource (the replicated workloads).
     pub fn has_scale(&self) -> bool {
         self.group == "apps" && matches!(self.kind, "Deployment" | "StatefulSet" | "ReplicaSet")
@@ -195,6 +215,7 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
             "kind": r.kind,
             "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
             "shortNames": r.short_names,
+            "categories": r.categories(),
         }));
         if r.status_subresource {
             entries.push(json!({

@@ -222,6 +222,15 @@ impl Store {
     }
 }
 
+/// Sets each `(field, value)` that `spec` lacks.
+fn defaults(spec: &mut Value, fields: &[(&str, Value)]) {
+    for (field, value) in fields {
+        if spec[*field].is_null() {
+            spec[*field] = value.clone();
+        }
+    }
+}
+
 /// The current time as the API server writes timestamps.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -229,7 +238,8 @@ pub fn now() -> String {
 
 /// What the API server's defaulting and admission would add to an object about to be stored:
 /// `stringData` folded into a Secret's `data`, a Service's cluster IP and port defaults, a
-/// Namespace's phase, a Deployment's replica count.
+/// Namespace's phase, the replica counts, history limits and update strategies of the
+/// workloads.
 pub fn apply_defaults(
     rt: &ResourceType,
     old: Option<&Value>,
@@ -289,65 +299,200 @@ pub fn apply_defaults(
                 }
             }
         }
-        ("apps", "Deployment") if object["spec"]["replicas"].is_null() => {
-            object["spec"]["replicas"] = json!(1);
-        }
+        ("apps", "Deployment") => defaults(
+            &mut object["spec"],
+            &[
+                ("replicas", json!(1)),
+                ("revisionHistoryLimit", json!(10)),
+                ("progressDeadlineSeconds", json!(600)),
+                (
+                    "strategy",
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
+                ),
+            ],
+        ),
+        ("apps", "StatefulSet") => defaults(
+            &mut object["spec"],
+            &[
+                ("replicas", json!(1)),
+                ("revisionHistoryLimit", json!(10)),
+                ("podManagementPolicy", json!("OrderedReady")),
+                (
+                    "updateStrategy",
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+                ),
+            ],
+        ),
+        ("apps", "DaemonSet") => defaults(
+            &mut object["spec"],
+            &[
+                ("revisionHistoryLimit", json!(10)),
+                (
+                    "updateStrategy",
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+                ),
+            ],
+        ),
         _ => {}
     }
 }
 
-/// What the controllers would report once they caught up: a Deployment whose replicas are all
-/// updated, ready and available, with the conditions `kubectl rollout status` and helm's
-/// readiness checks look for.
+/// What the controllers would report once they caught up, for the kinds deployment tools wait
+/// on (`kubectl rollout status`, `kubectl wait`, helm's readiness checks and hooks): a
+/// Deployment, ReplicaSet, StatefulSet or DaemonSet with every replica updated, ready and
+/// available, a Job complete, a Pod running and ready, a PersistentVolumeClaim bound, a
+/// LoadBalancer Service with an address.
 ///
-/// No ReplicaSets or Pods are made; other kinds keep the status they were given.
+/// No ReplicaSets or Pods are made for the workloads; other kinds keep the status they were
+/// given.
 pub fn reconcile_status(rt: &ResourceType, old: Option<&Value>, object: &mut Value) {
-    if (rt.group, rt.kind) != ("apps", "Deployment") {
-        return;
-    }
-    let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
     let generation = object["metadata"]["generation"].clone();
+    let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+    let old_status = old.map(|o| &o["status"]).filter(|s| s.is_object());
     // A status that already describes this generation stays as it is, so that a write that
     // changes nothing does not change the timestamps either.
-    if let Some(old) = old
-        && old["status"]["observedGeneration"] == generation
-        && old["status"]["replicas"] == json!(replicas)
-    {
-        object["status"] = old["status"].clone();
-        return;
-    }
+    let current = |old: &Value| {
+        old["observedGeneration"] == generation
+            && (old["replicas"].is_null() || old["replicas"] == json!(replicas))
+    };
+    let time = now();
     let name = object["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let time = now();
-    let mut status = json!({
-        "observedGeneration": generation,
-        "replicas": replicas,
-        "updatedReplicas": replicas,
-        "conditions": [
-            {
-                "type": "Available",
-                "status": "True",
-                "reason": "MinimumReplicasAvailable",
-                "message": "Deployment has minimum availability.",
-                "lastUpdateTime": time,
-                "lastTransitionTime": time
-            },
-            {
-                "type": "Progressing",
-                "status": "True",
-                "reason": "NewReplicaSetAvailable",
-                "message": format!("ReplicaSet \"{name}\" has successfully progressed."),
-                "lastUpdateTime": time,
-                "lastTransitionTime": time
+    let status = match (rt.group, rt.kind) {
+        ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet")
+            if old_status.is_some_and(current) =>
+        {
+            old_status.cloned().unwrap_or_default()
+        }
+        ("apps", "Deployment") => {
+            let mut status = json!({
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "conditions": [
+                    {
+                        "type": "Available",
+                        "status": "True",
+                        "reason": "MinimumReplicasAvailable",
+                        "message": "Deployment has minimum availability.",
+                        "lastUpdateTime": time,
+                        "lastTransitionTime": time
+                    },
+                    {
+                        "type": "Progressing",
+                        "status": "True",
+                        "reason": "NewReplicaSetAvailable",
+                        "message": format!("ReplicaSet \"{name}\" has successfully progressed."),
+                        "lastUpdateTime": time,
+                        "lastTransitionTime": time
+                    }
+                ]
+            });
+            // The real controller omits counts that are zero.
+            if replicas > 0 {
+                status["readyReplicas"] = json!(replicas);
+                status["availableReplicas"] = json!(replicas);
             }
-        ]
-    });
-    // The real controller omits counts that are zero.
-    if replicas > 0 {
-        status["readyReplicas"] = json!(replicas);
-        status["availableReplicas"] = json!(replicas);
-    }
+            status
+        }
+        ("apps", "ReplicaSet") => json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "fullyLabeledReplicas": replicas,
+            "readyReplicas": replicas,
+            "availableReplicas": replicas
+        }),
+        ("apps", "StatefulSet") => {
+            let revision = format!("{name}-{}", generation);
+            json!({
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "readyReplicas": replicas,
+                "currentReplicas": replicas,
+                "updatedReplicas": replicas,
+                "availableReplicas": replicas,
+                "currentRevision": revision,
+                "updateRevision": revision
+            })
+        }
+        // As on a one-node cluster.
+        ("apps", "DaemonSet") => json!({
+            "observedGeneration": generation,
+            "desiredNumberScheduled": 1,
+            "currentNumberScheduled": 1,
+            "updatedNumberScheduled": 1,
+            "numberAvailable": 1,
+            "numberReady": 1,
+            "numberMisscheduled": 0
+        }),
+        (_, "Job" | "Pod" | "PersistentVolumeClaim") if old_status.is_some() => {
+            old_status.cloned().unwrap_or_default()
+        }
+        ("batch", "Job") => {
+            let condition = |kind: &str| {
+                json!({
+                    "type": kind,
+                    "status": "True",
+                    "lastProbeTime": time,
+                    "lastTransitionTime": time
+                })
+            };
+            json!({
+                "startTime": time,
+                "completionTime": time,
+                "succeeded": object["spec"]["completions"].as_i64().unwrap_or(1),
+                "ready": 0,
+                "terminating": 0,
+                "conditions": [condition("SuccessCriteriaMet"), condition("Complete")]
+            })
+        }
+        ("", "Pod") => {
+            let condition =
+                |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": time});
+            let containers: Vec<Value> = object["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    json!({
+                        "name": c["name"],
+                        "image": c["image"],
+                        "ready": true,
+                        "started": true,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": time}}
+                    })
+                })
+                .collect();
+            json!({
+                "phase": "Running",
+                "startTime": time,
+                "conditions": [
+                    condition("PodScheduled"),
+                    condition("Initialized"),
+                    condition("ContainersReady"),
+                    condition("Ready")
+                ],
+                "containerStatuses": containers
+            })
+        }
+        ("", "PersistentVolumeClaim") => json!({
+            "phase": "Bound",
+            "accessModes": object["spec"]["accessModes"],
+            "capacity": object["spec"]["resources"]["requests"]
+        }),
+        ("", "Service") if object["spec"]["type"] == "LoadBalancer" => {
+            match old_status.filter(|s| !s["loadBalancer"]["ingress"].is_null()) {
+                Some(status) => status.clone(),
+                // An address from the documentation range: nothing can reach it, on purpose.
+                None => {
+                    json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.10", "ipMode": "VIP"}]}})
+                }
+            }
+        }
+        _ => return,
+    };
     object["status"] = status;
 }
