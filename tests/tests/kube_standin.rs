@@ -1272,3 +1272,111 @@ async fn statefulsets_jobs_and_claims_reach_the_states_tools_wait_for() {
         .expect("stored");
     assert_eq!(db["status"]["readyReplicas"], 2, "{db:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_rollout_fails_helm_wait_and_heals_when_released() {
+    let kube = KubeStandIn::builder().namespace("shop").start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let chart = chart();
+    let chart = chart.to_str().expect("a UTF-8 path");
+    tools
+        .helm_ok(&[
+            "upgrade",
+            "--install",
+            "web",
+            chart,
+            "-n",
+            "shop",
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
+        .await;
+
+    // Pods that cannot start: the upgrade's rollout never completes, helm gives up.
+    kube.stall_rollouts(true);
+    let out = tools
+        .run(
+            &helm().await,
+            &[
+                "upgrade",
+                "--install",
+                "web",
+                chart,
+                "-n",
+                "shop",
+                "--wait",
+                "--timeout",
+                "3s",
+                "--set",
+                "image.tag=broken",
+            ],
+        )
+        .await;
+    assert!(!out.success, "{out}");
+    assert_eq!(
+        releases(&kube, "shop", "web"),
+        [
+            ("1".into(), "deployed".into()),
+            ("2".into(), "failed".into())
+        ],
+        "helm keeps the last good release deployed when an upgrade fails"
+    );
+    let out = tools
+        .kubectl(&[
+            "rollout",
+            "status",
+            "deployment/web",
+            "-n",
+            "shop",
+            "--timeout=2s",
+        ])
+        .await;
+    assert!(!out.success, "{out}");
+    assert!(
+        out.stdout.contains("0 of 1 updated replicas are available"),
+        "{out}"
+    );
+
+    // A rollout waiting when the cluster heals sees it through its watch.
+    let mut waiting = tokio::process::Command::new(KUBECTL)
+        .args([
+            "rollout",
+            "status",
+            "deployment/web",
+            "-n",
+            "shop",
+            "--timeout=90s",
+        ])
+        .env_clear()
+        .env("HOME", tools.path("home"))
+        .env("KUBECONFIG", &tools.kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl starts");
+    let mut first = String::new();
+    let mut stdout = tokio::io::BufReader::new(waiting.stdout.take().expect("piped"));
+    tokio::time::timeout(
+        TOOL_TIMEOUT,
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut first),
+    )
+    .await
+    .expect("kubectl reports that it waits")
+    .expect("kubectl's output can be read");
+    assert!(first.contains("Waiting for deployment"), "{first}");
+    kube.stall_rollouts(false);
+    let status = tokio::time::timeout(TOOL_TIMEOUT, waiting.wait())
+        .await
+        .expect("kubectl sees the rollout finish")
+        .expect("kubectl can be waited for");
+    assert!(status.success());
+    let deployment = kube
+        .object("deployments.apps", Some("shop"), "web")
+        .expect("stored");
+    assert_eq!(
+        deployment["status"]["availableReplicas"], 1,
+        "{deployment:#}"
+    );
+}

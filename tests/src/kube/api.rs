@@ -528,7 +528,8 @@ fn write(
             let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
             object["metadata"]["generation"] = json!(generation + 1);
         }
-        store::reconcile_status(rt, old, &mut object);
+        let stalled = store.rollouts_stalled;
+        store::reconcile_status(rt, old, &mut object, stalled);
     }
     if let Some(old) = old {
         let mut unchanged = object.clone();

@@ -49,7 +49,8 @@
 //!   complete, a Pod running and ready, a PersistentVolumeClaim bound, a LoadBalancer Service
 //!   with an address; the workloads' defaults (replicas, update strategies, history limits);
 //!   Services get a cluster IP; Secrets' `stringData` moves into `data`.
-//!   A test can make a rollout look stuck by writing the `status` subresource.
+//!   A test can make rollouts stall ([`KubeStandIn::stall_rollouts`]) and heal, or write the
+//!   `status` subresource itself.
 //!
 //! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment (so no `rollout
 //! history`, no `kubectl logs`), other kinds get no status of their own, no garbage
@@ -396,6 +397,40 @@ impl KubeStandIn {
             .into_iter()
             .cloned()
             .collect()
+    }
+
+    /// With `true`, Deployments written from now on never become available (as when their
+    /// Pods cannot start), so `kubectl rollout status` and `helm --wait` time out; with
+    /// `false`, every stored Deployment is rolled out at once, and watchers see it.
+    pub fn stall_rollouts(&self, stalled: bool) {
+        let mut store = lock(&self.shared.store);
+        store.rollouts_stalled = stalled;
+        if stalled {
+            return;
+        }
+        let rt = self.resource_type("deployments.apps").clone();
+        let deployments: Vec<Value> = store
+            .list(rt.group, rt.plural, None)
+            .into_iter()
+            .cloned()
+            .collect();
+        for mut deployment in deployments {
+            let before = deployment["status"].clone();
+            store::reconcile_status(&rt, None, &mut deployment, false);
+            if deployment["status"]["availableReplicas"] == before["availableReplicas"] {
+                continue;
+            }
+            let key = Key::new(
+                &rt,
+                deployment["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default(),
+                deployment["metadata"]["name"].as_str().unwrap_or_default(),
+            );
+            let resource_version = store.next_resource_version();
+            deployment["metadata"]["resourceVersion"] = json!(resource_version.to_string());
+            store.put(key, deployment, resource_version);
+        }
     }
 
     /// Creates namespace `name` directly in the store (no request is recorded).

@@ -83,6 +83,8 @@ pub struct Store {
     history: Vec<Arc<Event>>,
     events: broadcast::Sender<Arc<Event>>,
     next_cluster_ip: u32,
+    /// Whether Deployments stay unavailable, as when their Pods cannot start.
+    pub rollouts_stalled: bool,
 }
 
 impl Default for Store {
@@ -101,6 +103,7 @@ impl Store {
             history: Vec::new(),
             events: broadcast::channel(4096).0,
             next_cluster_ip: 10,
+            rollouts_stalled: false,
         }
     }
 
@@ -343,9 +346,12 @@ pub fn apply_defaults(
 /// available, a Job complete, a Pod running and ready, a PersistentVolumeClaim bound, a
 /// LoadBalancer Service with an address.
 ///
+/// With `stalled`, a Deployment is seen but never becomes available (no replica available,
+/// `Available` false), as when its Pods cannot start.
+///
 /// No ReplicaSets or Pods are made for the workloads; other kinds keep the status they were
 /// given.
-pub fn reconcile_status(rt: &ResourceType, old: Option<&Value>, object: &mut Value) {
+pub fn reconcile_status(rt: &ResourceType, old: Option<&Value>, object: &mut Value, stalled: bool) {
     let generation = object["metadata"]["generation"].clone();
     let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
     let old_status = old.map(|o| &o["status"]).filter(|s| s.is_object());
@@ -366,6 +372,30 @@ pub fn reconcile_status(rt: &ResourceType, old: Option<&Value>, object: &mut Val
         {
             old_status.cloned().unwrap_or_default()
         }
+        ("apps", "Deployment") if stalled => json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "unavailableReplicas": replicas,
+            "conditions": [
+                {
+                    "type": "Available",
+                    "status": "False",
+                    "reason": "MinimumReplicasUnavailable",
+                    "message": "Deployment does not have minimum availability.",
+                    "lastUpdateTime": time,
+                    "lastTransitionTime": time
+                },
+                {
+                    "type": "Progressing",
+                    "status": "True",
+                    "reason": "ReplicaSetUpdated",
+                    "message": format!("ReplicaSet \"{name}\" is progressing."),
+                    "lastUpdateTime": time,
+                    "lastTransitionTime": time
+                }
+            ]
+        }),
         ("apps", "Deployment") => {
             let mut status = json!({
                 "observedGeneration": generation,
