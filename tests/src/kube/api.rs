@@ -171,9 +171,10 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let token = bearer(&headers);
-    let allowed = token
-        .as_ref()
-        .is_some_and(|t| lock(&shared.tokens).contains(t) || shared.rule_accepts(t));
+    let allowed = token.as_ref().is_some_and(|t| {
+        let listed = lock(&shared.tokens).contains(t);
+        listed || shared.rule_accepts(t)
+    });
     let response = if allowed {
         route(&shared, &method, &uri, &headers, &body).unwrap_or_else(IntoResponse::into_response)
     } else {

@@ -367,7 +367,8 @@ impl KubeStandIn {
         lock(&self.shared.requests).clone()
     }
 
-    /// How many TLS handshakes failed (a client that distrusts the CA, for one).
+    /// How many TLS handshakes failed: a client that distrusts the CA, speaks plain HTTP, or
+    /// hangs up before finishing the handshake (a bare TCP probe).
     pub fn tls_handshake_failures(&self) -> usize {
         self.handshake_failures.load(Ordering::SeqCst)
     }
