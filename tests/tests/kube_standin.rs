@@ -260,10 +260,27 @@ async fn kubectl_applies_gets_reapplies_and_deletes() {
         "registry.example/web:1.0"
     );
     assert_eq!(items[1]["metadata"]["uid"], deployment["metadata"]["uid"]);
+    // People see the server's Table columns, as from a real cluster.
     let out = tools
         .kubectl_ok(&["get", "deployments", "-n", "shop"])
         .await;
-    assert!(out.stdout.contains("web"), "{out}");
+    let mut lines = out.stdout.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "{out}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[..4], ["web", "2/2", "2", "2"], "{out}");
     let out = tools
         .kubectl_ok(&["get", "configmaps", "-A", "-l", "app!=x", "-o", "name"])
         .await;

@@ -18,6 +18,7 @@ use super::protobuf;
 use super::resources::{self, ResourceType};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{self, Change, Event, Key, Store};
+use super::table;
 
 /// Everything the handlers share.
 pub struct Shared {
@@ -311,6 +312,7 @@ fn route(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    let as_table = table::wanted(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     match target.subresource.as_deref() {
         None => {}
         Some("status") if target.rt.status_subresource => {}
@@ -320,9 +322,9 @@ fn route(
         Some(_) => return Err(ApiError::path_not_found()),
     }
     match (method, target.name.is_some()) {
-        (&Method::GET, false) if query.flag("watch") => watch(shared, &target, &query),
-        (&Method::GET, false) => list(shared, &target, &query),
-        (&Method::GET, true) => get(shared, &target),
+        (&Method::GET, false) if query.flag("watch") => watch(shared, &target, &query, as_table),
+        (&Method::GET, false) => list(shared, &target, &query, as_table),
+        (&Method::GET, true) => get(shared, &target, as_table),
         (&Method::POST, false) => create(shared, &target, &query, content_type, body),
         (&Method::PUT, true) => update(shared, &target, &query, content_type, body),
         (&Method::PATCH, true) => patch_object(shared, &target, &query, content_type, body),
@@ -379,19 +381,30 @@ fn parse_body(content_type: &str, body: &Bytes) -> Result<Value, ApiError> {
     Ok(value)
 }
 
-fn get(shared: &Shared, target: &Target) -> Result<Response, ApiError> {
+fn get(shared: &Shared, target: &Target, as_table: bool) -> Result<Response, ApiError> {
     let name = target.name.as_deref().expect("routed with a name");
     let store = lock(&shared.store);
     let object = store
         .get(&key_of(target, name))
         .ok_or_else(|| ApiError::not_found(target.rt, name))?;
+    if as_table && target.subresource.is_none() {
+        let version = object["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
+        return ok(&table::table(target.rt, &[object], version, true));
+    }
     ok(object)
 }
 
-fn list(shared: &Shared, target: &Target, query: &Query) -> Result<Response, ApiError> {
+fn list(
+    shared: &Shared,
+    target: &Target,
+    query: &Query,
+    as_table: bool,
+) -> Result<Response, ApiError> {
     let (labels, fields) = query.selectors()?;
     let store = lock(&shared.store);
-    let items: Vec<Value> = store
+    let selected: Vec<&Value> = store
         .list(
             target.rt.group,
             target.rt.plural,
@@ -399,12 +412,16 @@ fn list(shared: &Shared, target: &Target, query: &Query) -> Result<Response, Api
         )
         .into_iter()
         .filter(|o| labels.matches(o) && fields.matches(o))
-        .cloned()
         .collect();
+    let version = store.resource_version().to_string();
+    if as_table {
+        return ok(&table::table(target.rt, &selected, &version, true));
+    }
+    let items: Vec<Value> = selected.into_iter().cloned().collect();
     ok(&json!({
         "kind": format!("{}List", target.rt.kind),
         "apiVersion": target.rt.api_version(),
-        "metadata": {"resourceVersion": store.resource_version().to_string()},
+        "metadata": {"resourceVersion": version},
         "items": items
     }))
 }
@@ -1006,10 +1023,29 @@ fn as_seen(
     Some(json!({"type": change.as_str(), "object": event.object}))
 }
 
-fn frame(event: &Value) -> Bytes {
-    let mut bytes = serde_json::to_vec(event).expect("a JSON value serialises");
-    bytes.push(b'\n');
-    Bytes::from(bytes)
+/// Turns watch events into the lines of the stream, as Tables when the client asked for them
+/// (column definitions in the first only, as the real server sends them).
+struct Frames {
+    rt: ResourceType,
+    as_table: bool,
+    columns_sent: bool,
+}
+
+impl Frames {
+    fn frame(&mut self, mut event: Value) -> Bytes {
+        if self.as_table && event["type"] != "BOOKMARK" {
+            let object = &event["object"];
+            let version = object["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default();
+            let table = table::table(&self.rt, &[object], version, !self.columns_sent);
+            self.columns_sent = true;
+            event["object"] = table;
+        }
+        let mut bytes = serde_json::to_vec(&event).expect("a JSON value serialises");
+        bytes.push(b'\n');
+        Bytes::from(bytes)
+    }
 }
 
 /// A watch: a chunked stream of `{"type", "object"}` lines.
@@ -1020,7 +1056,17 @@ fn frame(event: &Value) -> Bytes {
 /// With a resource version it replays every change after it (the stand-in keeps its whole
 /// history, so it never answers `410 Gone`), then streams changes as they happen, until
 /// `timeoutSeconds` (default 30 minutes) or the client hangs up.
-fn watch(shared: &Shared, target: &Target, query: &Query) -> Result<Response, ApiError> {
+fn watch(
+    shared: &Shared,
+    target: &Target,
+    query: &Query,
+    as_table: bool,
+) -> Result<Response, ApiError> {
+    let mut frames_of = Frames {
+        rt: target.rt.clone(),
+        as_table,
+        columns_sent: false,
+    };
     let (labels, fields) = query.selectors()?;
     let since = query
         .get("resourceVersion")
@@ -1047,7 +1093,7 @@ fn watch(shared: &Shared, target: &Target, query: &Query) -> Result<Response, Ap
             target.namespace.as_deref(),
         ) {
             if labels.matches(object) && fields.matches(object) {
-                frames.push(frame(&json!({"type": "ADDED", "object": object})));
+                frames.push(frames_of.frame(json!({"type": "ADDED", "object": object})));
             }
         }
         let (_, receiver) = store.changes_since(current);
@@ -1057,10 +1103,10 @@ fn watch(shared: &Shared, target: &Target, query: &Query) -> Result<Response, Ap
     };
     drop(store);
     for event in &replay {
-        frames.extend(as_seen(event, target, &labels, &fields).map(|e| frame(&e)));
+        frames.extend(as_seen(event, target, &labels, &fields).map(|e| frames_of.frame(e)));
     }
     if bookmark {
-        frames.push(frame(&json!({
+        frames.push(frames_of.frame(json!({
             "type": "BOOKMARK",
             "object": {
                 "kind": target.rt.kind,
@@ -1075,34 +1121,38 @@ fn watch(shared: &Shared, target: &Target, query: &Query) -> Result<Response, Ap
     let rt = target.rt.clone();
     let namespace = target.namespace.clone();
     let deadline = tokio::time::Instant::now() + timeout;
-    let live = futures::stream::unfold(receiver, move |mut receiver| {
-        let rt = rt.clone();
-        let namespace = namespace.clone();
-        let labels = labels.clone();
-        let fields = fields.clone();
-        async move {
-            let target = Target {
-                rt: &rt,
-                namespace,
-                name: None,
-                subresource: None,
-            };
-            loop {
-                let event = match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                    Ok(Ok(event)) => event,
-                    // A watch that fell behind, or a store that is gone, ends; clients then
-                    // list and watch again, as they do with the real server.
-                    Ok(Err(_)) | Err(_) => return None,
+    let live = futures::stream::unfold(
+        (receiver, frames_of),
+        move |(mut receiver, mut frames_of)| {
+            let rt = rt.clone();
+            let namespace = namespace.clone();
+            let labels = labels.clone();
+            let fields = fields.clone();
+            async move {
+                let target = Target {
+                    rt: &rt,
+                    namespace,
+                    name: None,
+                    subresource: None,
                 };
-                if event.resource_version <= current {
-                    continue;
-                }
-                if let Some(seen) = as_seen(&event, &target, &labels, &fields) {
-                    return Some((Ok::<_, Infallible>(frame(&seen)), receiver));
+                loop {
+                    let event = match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                        Ok(Ok(event)) => event,
+                        // A watch that fell behind, or a store that is gone, ends; clients then
+                        // list and watch again, as they do with the real server.
+                        Ok(Err(_)) | Err(_) => return None,
+                    };
+                    if event.resource_version <= current {
+                        continue;
+                    }
+                    if let Some(seen) = as_seen(&event, &target, &labels, &fields) {
+                        let frame = frames_of.frame(seen);
+                        return Some((Ok::<_, Infallible>(frame), (receiver, frames_of)));
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     let stream = futures::StreamExt::chain(
         futures::stream::iter(frames.into_iter().map(Ok::<_, Infallible>)),
         live,

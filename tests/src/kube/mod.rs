@@ -55,8 +55,8 @@
 //! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment (so no `rollout
 //! history`, no `kubectl logs`), other kinds get no status of their own, no garbage
 //! collection through owner references, no admission webhooks, no RBAC (every accepted token
-//! may do everything), no schema validation (unknown fields are kept, not refused), no Table
-//! output (kubectl then prints names and ages itself), no `managedFields`, lists are never
+//! may do everything), no schema validation (unknown fields are kept, not refused), Tables
+//! with a few columns for the common kinds only, no `managedFields`, lists are never
 //! paginated, the field selector accepts any dotted path, and the whole change history is kept,
 //! so a watch never gets `410 Gone`.
 //!
@@ -71,6 +71,7 @@ mod protobuf;
 mod resources;
 mod selectors;
 mod store;
+mod table;
 mod tls;
 
 use std::collections::HashSet;
