@@ -1,16 +1,23 @@
 //! The Kubernetes API stand-in against the real clients: `kubectl` (`/usr/bin/kubectl`) and
 //! `helm` (from `scripts/install-helm`), over HTTPS with the stand-in's own CA and a bearer
-//! token, asserting on what the stand-in recorded and stored, not only on exit codes.
+//! token, asserting on what the stand-in recorded and stored, not only on exit codes; and once
+//! through the whole product (server, runner, pipeline steps) for SQLite and PostgreSQL.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
-use outpost_tests::helm;
+use outpost_tests::git::GitRepo;
 use outpost_tests::kube::{DEFAULT_TOKEN, KubeRequest, KubeStandIn};
+use outpost_tests::outpost_protocol::{RunStatus, StepStatus, TriggerRunRequest};
+use outpost_tests::{
+    Backend, TestRunner, TestServer, backend_tests, helm, job, job_log, test_db, wait_for_run,
+};
 use serde_json::Value;
 use tempfile::TempDir;
+
+backend_tests!(a_pipeline_deploys_through_the_runner_and_rolls_back_a_stalled_release);
 
 const KUBECTL: &str = "/usr/bin/kubectl";
 /// How long one `kubectl` or `helm` call may take (debug-built stand-in, busy machine).
@@ -1396,4 +1403,144 @@ async fn a_stalled_rollout_fails_helm_wait_and_heals_when_released() {
         deployment["status"]["availableReplicas"], 1,
         "{deployment:#}"
     );
+}
+
+const PIPELINE: &str = r#"
+variables: { NAMESPACE: web, RELEASE: web, WAIT: 60s }
+jobs:
+  deploy:
+    runs_on: [e2e]
+    steps:
+      - checkout
+      - kubectl: apply -f k8s/
+      - helm: upgrade --install ${RELEASE} ./chart -n ${NAMESPACE} --set image.tag=${OUTPOST_SHA} --wait --timeout ${WAIT}
+      - kubectl: rollout status deployment/${RELEASE} -n ${NAMESPACE} --timeout=60s
+      - name: roll back
+        when: on_failure
+        helm: rollback ${RELEASE} -n ${NAMESPACE}
+"#;
+
+/// The whole product path against the stand-in: the server queues a run, the runner's
+/// `kubectl` and `helm` steps deploy over HTTPS with the stand-in's CA and token, and a
+/// release whose rollout stalls fails and is rolled back by the `on_failure` step.
+async fn a_pipeline_deploys_through_the_runner_and_rolls_back_a_stalled_release(backend: Backend) {
+    let db = test_db!(backend);
+    let server = TestServer::start(&db, &[]).await;
+    let client = server.client();
+    let kube = KubeStandIn::builder().namespace("web").start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let helm = helm().await;
+    let env = [
+        ("OUTPOST_RUNNER__KUBECTL", KUBECTL.to_string()),
+        ("OUTPOST_RUNNER__HELM", helm.to_string_lossy().into_owned()),
+        (
+            "KUBECONFIG",
+            tools.kubeconfig.to_string_lossy().into_owned(),
+        ),
+        ("HOME", tools.path("home").to_string_lossy().into_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _runner = TestRunner::start(&server, "e2e-kube", &["e2e"], &env).await;
+
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let repo = GitRepo::new();
+    repo.copy_dir(&fixtures.join("chart"), "chart");
+    repo.copy_dir(&fixtures.join("k8s"), "k8s");
+    let first = repo.commit("chart and manifests");
+    client
+        .apply_pipeline("deploy", PIPELINE)
+        .await
+        .expect("the pipeline applies");
+    let trigger = |sha: &str, wait: &str| TriggerRunRequest {
+        sha: Some(sha.to_string()),
+        clone_url: Some(repo.file_url()),
+        variables: [("WAIT".to_string(), wait.to_string())].into(),
+        ..Default::default()
+    };
+
+    // A good deployment: the manifest applied, the release installed and rolled out.
+    let queued = client
+        .trigger_run("deploy", &trigger(&first, "60s"))
+        .await
+        .expect("the run is queued");
+    let run = wait_for_run(&client, queued.id, Duration::from_secs(180)).await;
+    let log = String::from_utf8_lossy(&job_log(&client, job(&run, "deploy").id).await).into_owned();
+    assert_eq!(run.status, RunStatus::Succeeded, "{log}");
+    assert!(log.contains("configmap/web-settings created"), "{log}");
+    assert!(log.contains("successfully rolled out"), "{log}");
+    let settings = kube
+        .object("configmaps", Some("web"), "web-settings")
+        .expect("the manifest's configmap is stored");
+    assert_eq!(settings["data"]["log_level"], "info");
+    let image = |kube: &KubeStandIn| {
+        kube.object("deployments.apps", Some("web"), "web")
+            .expect("the release's deployment is stored")["spec"]["template"]["spec"]["containers"]
+            [0]["image"]
+            .clone()
+    };
+    assert_eq!(image(&kube), format!("registry.example/web:{first}"));
+    assert_eq!(
+        releases(&kube, "web", "web"),
+        [("1".into(), "deployed".into())]
+    );
+
+    // A release whose pods never come up: helm gives up, the rollback step restores the first.
+    repo.write(&[("chart/values.yaml", "replicaCount: 2\nimage:\n  repository: registry.example/web\n  tag: latest\ngreeting: hello again\n")]);
+    let second = repo.commit("two replicas");
+    kube.stall_rollouts(true);
+    let queued = client
+        .trigger_run("deploy", &trigger(&second, "3s"))
+        .await
+        .expect("the run is queued");
+    let run = wait_for_run(&client, queued.id, Duration::from_secs(180)).await;
+    let deploy = job(&run, "deploy");
+    let log = String::from_utf8_lossy(&job_log(&client, deploy.id).await).into_owned();
+    assert_eq!(run.status, RunStatus::Failed, "{log}");
+    let statuses: Vec<StepStatus> = deploy.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::Failed,
+            StepStatus::Skipped,
+            StepStatus::Succeeded
+        ],
+        "{log}"
+    );
+    assert!(log.contains("Rollback was a success"), "{log}");
+    assert_eq!(image(&kube), format!("registry.example/web:{first}"));
+    let config = kube
+        .object("configmaps", Some("web"), "web-config")
+        .expect("stored");
+    assert_eq!(
+        config["data"]["greeting"], "hello",
+        "the rollback restored the first values"
+    );
+    assert_eq!(
+        releases(&kube, "web", "web"),
+        [
+            ("1".into(), "superseded".into()),
+            ("2".into(), "failed".into()),
+            ("3".into(), "deployed".into())
+        ]
+    );
+
+    // Every request the runner's tools made carried the token and got through.
+    let requests = kube.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.token.as_deref() == Some(DEFAULT_TOKEN))
+    );
+    assert!(requests.iter().all(|r| r.status != 401), "{requests:#?}");
+    for agent in ["kubectl/", "Helm/"] {
+        assert!(
+            requests.iter().any(|r| r
+                .user_agent
+                .as_deref()
+                .is_some_and(|a| a.starts_with(agent))),
+            "no request from {agent}"
+        );
+    }
 }
