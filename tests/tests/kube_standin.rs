@@ -483,7 +483,7 @@ async fn kubectl_rollout_status_follows_the_deployment_status() {
             "deployment/api",
             "-n",
             "default",
-            "--timeout=3s",
+            "--timeout=5s",
         ])
         .await;
     assert!(!out.success, "{out}");
@@ -1353,7 +1353,7 @@ async fn a_stalled_rollout_fails_helm_wait_and_heals_when_released() {
             "deployment/web",
             "-n",
             "shop",
-            "--timeout=2s",
+            "--timeout=5s",
         ])
         .await;
     assert!(!out.success, "{out}");
