@@ -640,7 +640,23 @@ fn image(kube: &KubeStandIn) -> String {
 async fn helm_installs_upgrades_rolls_back_and_uninstalls() {
     let kube = KubeStandIn::builder().namespace("shop").start().await;
     let tools = Tools::new(&kube, DEFAULT_TOKEN);
-    let chart = chart();
+    // The fixture chart, with the Kubernetes version range many real charts declare.
+    let chart = tools.path("chart");
+    std::fs::create_dir_all(chart.join("templates")).expect("the chart directory can be made");
+    for file in [
+        "Chart.yaml",
+        "values.yaml",
+        "templates/configmap.yaml",
+        "templates/deployment.yaml",
+    ] {
+        std::fs::copy(self::chart().join(file), chart.join(file)).expect("the chart can be copied");
+    }
+    let manifest = std::fs::read_to_string(chart.join("Chart.yaml")).expect("Chart.yaml");
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        format!("{manifest}kubeVersion: \">=1.25.0\"\n"),
+    )
+    .expect("Chart.yaml can be written");
     let chart = chart.to_str().expect("a UTF-8 path");
     let install = |tag: &'static str| {
         let tools = &tools;

@@ -126,11 +126,14 @@ pub fn default_resources() -> Vec<ResourceType> {
 }
 
 /// The server's version, as `/version` answers it.
+///
+/// A plain version as AKS reports it: a pre-release suffix such as `-outpost` would make helm
+/// refuse every chart whose `kubeVersion` is a plain range like `>=1.25.0`.
 pub fn version() -> Value {
     json!({
         "major": "1",
         "minor": "35",
-        "gitVersion": "v1.35.0-outpost-standin",
+        "gitVersion": "v1.35.0",
         "gitCommit": "0000000000000000000000000000000000000000",
         "gitTreeState": "clean",
         "buildDate": "2026-01-01T00:00:00Z",
