@@ -6,12 +6,15 @@
 //! address and a DNS name for the certificate, e.g. `10.77.0.2:6443` and
 //! `aks-prod.privatelink.westeurope.azmk8s.io`) or [`KubeStandIn::builder`] (tokens, namespaces,
 //! extra resource types, or a listener bound inside a network namespace with
-//! [`bind_in_netns`]).
+//! [`bind_in_netns`]; `start` and `start_on` bind in the test process's own namespace).
 //! A fresh CA and server certificate are made at every start; [`KubeStandIn::write_kubeconfig`]
 //! writes a kubeconfig that carries the CA and a bearer token.
+//! Tokens are let in by list ([`KubeStandIn::accept_token`], [`KubeStandIn::accept_only`]) or
+//! by a rule of the test's own ([`KubeStandIn::accept_tokens_where`]), e.g. every token an
+//! identity stand-in issued.
 //!
 //! What it serves:
-//! - Discovery: `/version`, `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}` (legacy JSON
+//! - Discovery: `/version` (a plain `v1.35.0`, as AKS reports), `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}` (legacy JSON
 //!   discovery, which clients use when the server offers no aggregated discovery), and OpenAPI
 //!   v3 documents that tell clients the server validates fields itself, so that `kubectl apply`
 //!   and `helm` send `fieldValidation=Strict` instead of validating against a schema (no
@@ -42,6 +45,9 @@
 //!   (`sendInitialEvents=true` ending with the `k8s.io/initial-events-end` bookmark, as helm's
 //!   `--wait` asks for), live events, selectors (an object that stops matching is sent as
 //!   `DELETED`), `timeoutSeconds`.
+//! - Tables for `kubectl get` (`Accept: …;as=Table`): Name and Age for every kind, and the
+//!   real server's main columns for Deployments, Services, ConfigMaps, Secrets, Namespaces,
+//!   Pods, StatefulSets and ReplicaSets.
 //! - A control plane reduced to what deployment tools wait for, reported as soon as an object
 //!   is written: a Deployment rolled out (all replicas updated, ready and available,
 //!   `Available` and `Progressing` with reason `NewReplicaSetAvailable`, `observedGeneration`
@@ -55,15 +61,16 @@
 //! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment (so no `rollout
 //! history`, no `kubectl logs`), other kinds get no status of their own, no garbage
 //! collection through owner references, no admission webhooks, no RBAC (every accepted token
-//! may do everything), no schema validation (unknown fields are kept, not refused), Tables
-//! with a few columns for the common kinds only, no `managedFields`, lists are never
+//! may do everything, and `kubectl auth can-i` finds no review API), no schema validation
+//! (unknown fields are kept, not refused), no CustomResourceDefinitions (a test adds custom
+//! types with [`KubeStandInBuilder::resource`] instead), no `managedFields`, lists are never
 //! paginated, the field selector accepts any dotted path, and the whole change history is kept,
 //! so a watch never gets `410 Gone`.
 //!
 //! Every request is recorded ([`KubeRequest`]): method, path, query, content type, user agent,
 //! bearer token, body size and the status answered; a request without an accepted token gets
 //! `401` with a `Status` object, as from the real server.
-//! Failed TLS handshakes (a client that does not trust the CA) are counted.
+//! Failed TLS handshakes (a client that does not trust the CA, for one) are counted.
 
 mod api;
 mod patch;
