@@ -557,11 +557,16 @@ async fn requests_without_an_accepted_token_or_the_ca_are_refused() {
         assert_eq!(r.token.as_deref(), Some("a-wrong-token"), "{r:?}");
     }
 
-    // The right token gets in; a token refused later is refused from then on.
+    // The right token gets in (and may do anything); a token refused later is refused from
+    // then on.
     let right = Tools::new(&kube, "the-right-token");
     right
         .kubectl_ok(&["get", "configmaps", "-n", "default"])
         .await;
+    let out = right
+        .kubectl_ok(&["auth", "can-i", "create", "deployments"])
+        .await;
+    assert_eq!(out.stdout.trim(), "yes", "{out}");
     kube.refuse_token("the-right-token");
     let out = right.kubectl(&["get", "configmaps", "-n", "default"]).await;
     assert!(!out.success, "{out}");

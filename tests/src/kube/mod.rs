@@ -33,8 +33,8 @@
 //!   and `kube-node-lease` always do); a deleted Namespace turns `Terminating`, refuses new
 //!   objects, and half a second later disappears with everything in it.
 //! - Bodies in JSON or YAML, and in protobuf for the kinds typed client-go clientsets send
-//!   (Secret, ConfigMap, Namespace, DeleteOptions: helm's release storage and
-//!   `--create-namespace`); answers are always JSON.
+//!   (Secret, ConfigMap, Namespace, DeleteOptions, SelfSubjectAccessReview: helm's release
+//!   storage and `--create-namespace`, `kubectl auth can-i`); answers are always JSON.
 //! - PATCH: JSON patch and JSON merge patch (exact, via the `json-patch` crate), strategic
 //!   merge patch (maps merged, `null` deletes, lists of the built-in types' keyed fields such
 //!   as `containers`, `env`, `ports`, `volumes` merged by their key with the `$patch`,
@@ -64,7 +64,7 @@
 //! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment (so no `rollout
 //! history`, no `kubectl logs`), other kinds get no status of their own, no garbage
 //! collection through owner references, no admission webhooks, no RBAC (every accepted token
-//! may do everything, and `kubectl auth can-i` finds no review API), no schema validation
+//! may do everything, and `kubectl auth can-i` always says yes), no schema validation
 //! (unknown fields are kept, not refused), a custom resource is served in its storage version
 //! only, no `managedFields`, lists are never
 //! paginated, the field selector accepts any dotted path, and the whole change history is kept,

@@ -56,6 +56,12 @@ impl ResourceType {
         }
     }
 
+    /// Whether objects of the type are questions answered at once and never stored
+    /// (`kubectl auth can-i`).
+    pub fn is_review(&self) -> bool {
+        (self.group, self.kind) == ("authorization.k8s.io", "SelfSubjectAccessReview")
+    }
+
     /// Whether the type has a `scale` subresource (the replicated workloads).
     pub fn has_scale(&self) -> bool {
         self.group == "apps" && matches!(self.kind, "Deployment" | "StatefulSet" | "ReplicaSet")
@@ -122,6 +128,7 @@ pub fn default_resources() -> Vec<ResourceType> {
         rt("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, &[], false),
         rt("policy", "v1", "poddisruptionbudgets", "poddisruptionbudget", "PodDisruptionBudget", true, &["pdb"], true),
         rt("autoscaling", "v2", "horizontalpodautoscalers", "horizontalpodautoscaler", "HorizontalPodAutoscaler", true, &["hpa"], true),
+        rt("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "selfsubjectaccessreview", "SelfSubjectAccessReview", false, &[], false),
         rt("apiextensions.k8s.io", "v1", "customresourcedefinitions", "customresourcedefinition", "CustomResourceDefinition", false, &["crd", "crds"], true),
     ]
 }
@@ -259,7 +266,11 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "verbs": if r.is_review() {
+                json!(["create"])
+            } else {
+                json!(["create", "delete", "get", "list", "patch", "update", "watch"])
+            },
             "shortNames": r.short_names,
             "categories": r.categories(),
         }));
