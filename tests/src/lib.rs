@@ -13,8 +13,9 @@
 //! - `TEST_LOG`: when set, the servers' and runners' output is copied into the test's output.
 //! - `OUTPOST_TEST_HELM`: a `helm` binary to use instead of the one [`helm`] installs.
 //!
-//! Stand-ins and fixtures live in their own modules: [`kube`] is the fake Kubernetes API server,
-//! [`entra`] the Entra ID issuer (JWKS, minted tokens) and managed-identity endpoint,
+//! Stand-ins and fixtures live in their own modules: [`kube`] is the Kubernetes API server
+//! stand-in (HTTPS, bearer tokens, the real wire format), [`identity`] the managed identity and
+//! Entra ID token endpoints, [`entra`] the Entra ID issuer (JWKS, minted tokens),
 //! [`git`] makes repositories and serves one as a private forge.
 
 #![forbid(unsafe_code)]
@@ -23,7 +24,6 @@ pub mod entra;
 pub mod git;
 pub mod identity;
 pub mod kube;
-pub mod kube_tls;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;

@@ -1,7 +1,7 @@
 //! Private clusters on the runner side: `kube-token` against the identity stand-in (shape, cache,
 //! expiry, concurrency, workload identity, client secret, refusals), a pipeline job whose
-//! `kubectl` reaches an HTTPS API server through the exec plugin, routing by cluster, `doctor`,
-//! and the refusal of plain-HTTP server URLs.
+//! `kubectl` and `helm` reach the HTTPS Kubernetes API stand-in through the exec plugin, routing
+//! by cluster, `doctor`, and the refusal of plain-HTTP server URLs.
 //!
 //! Every process that could build a managed identity credential gets the stand-in's
 //! `IDENTITY_ENDPOINT`/`IDENTITY_HEADER`, and the tests assert that the stand-in saw the requests:
@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_tests::identity::{Endpoint, IdentityStandIn, Refusal, TestCa};
-use outpost_tests::kube_tls::KubeVersionApi;
+use outpost_tests::kube::KubeStandIn;
 use outpost_tests::outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
 use outpost_tests::{
     Backend, TestDb, TestRunner, TestServer, apply_and_trigger, backend_tests, binary,
-    describe_run, job, test_db, wait_for_run,
+    describe_run, helm, job, test_db, wait_for_run,
 };
 
 const AKS_RESOURCE: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
@@ -381,8 +381,8 @@ async fn a_job_naming_a_cluster_reaches_its_api_through_the_exec_plugin() {
     let client = server.client();
     let identity = IdentityStandIn::start().await;
     identity.set_minter(Arc::new(|_| "aks-token-for-outpost".to_string()));
-    let kube = KubeVersionApi::start().await;
-    kube.accept_only(vec!["aks-token-for-outpost".to_string()]);
+    let kube = KubeStandIn::start().await;
+    kube.accept_only(&["aks-token-for-outpost"]);
 
     let ca_dir = tempfile::tempdir().unwrap();
     let ca_file = ca_dir.path().join("cluster-ca.pem");
@@ -392,7 +392,14 @@ async fn a_job_naming_a_cluster_reaches_its_api_through_the_exec_plugin() {
         kube.url(),
         ca_file.display()
     );
-    let env: Vec<(String, String)> = identity.env();
+    // helm keeps its configuration under HOME: one of the test's own.
+    let home = tempfile::tempdir().unwrap();
+    let mut env: Vec<(String, String)> = identity.env();
+    env.push((
+        "OUTPOST_RUNNER__HELM".into(),
+        helm().await.to_string_lossy().into_owned(),
+    ));
+    env.push(("HOME".into(), home.path().to_string_lossy().into_owned()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let runner =
         TestRunner::start_with_settings(&server, "vnet-runner", &[], &env, &[], Some(&runner_toml))
@@ -405,6 +412,7 @@ jobs:
     steps:
       - kubectl: version --output=json
       - kubectl: version --output=json
+      - helm: list -n default
       - name: the kubeconfig is private and uses the plugin
         run: |
           test "$(stat -c %a "$KUBECONFIG")" = 600
@@ -428,7 +436,10 @@ jobs:
     );
     assert_eq!(job(&run, "deploy").runner_id, Some(runner.id().await));
     assert!(log.contains("Cluster: aks-prod"), "{log}");
-    assert!(log.contains("v1.31.0-outpost-stand-in"), "{log}");
+    assert!(
+        log.contains("\"serverVersion\""),
+        "kubectl reached the API server: {log}"
+    );
     assert!(
         log.contains(&format!(
             "exec={} [\"kube-token\",\"--cluster\",\"aks-prod\",\"--config-dir\",\"{}\"]",
@@ -439,7 +450,7 @@ jobs:
     );
 
     // Both kubectl calls carried the managed identity's token; it was requested once.
-    let seen = kube.seen();
+    let seen = kube.requests();
     let versions: Vec<_> = seen
         .iter()
         .filter(|r| r.path.starts_with("/version"))
@@ -448,7 +459,18 @@ jobs:
     assert!(
         versions
             .iter()
-            .all(|r| r.bearer.as_deref() == Some("aks-token-for-outpost")),
+            .all(|r| r.token.as_deref() == Some("aks-token-for-outpost")),
+        "{seen:?}"
+    );
+    // helm went through the same exec plugin (and its token cache) to list its releases.
+    assert!(
+        seen.iter()
+            .any(|r| r.path == "/api/v1/namespaces/default/secrets"
+                && r.user_agent
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("Helm"))
+                && r.token.as_deref() == Some("aks-token-for-outpost")
+                && r.status == 200),
         "{seen:?}"
     );
     let requests = identity.requests();
@@ -464,8 +486,8 @@ async fn a_kubeconfig_cluster_gets_a_private_copy_of_its_context() {
     };
     let server = TestServer::start(&db, &[]).await;
     let client = server.client();
-    let kube = KubeVersionApi::start().await;
-    kube.accept_only(vec!["prod-token".to_string()]);
+    let kube = KubeStandIn::start().await;
+    kube.accept_only(&["prod-token"]);
 
     // An operator's kubeconfig with two contexts, the CA beside it by a relative path.
     let files = tempfile::tempdir().unwrap();
@@ -523,16 +545,18 @@ jobs:
         !log.contains("\ndev\n"),
         "the copy holds only the configured context: {log}"
     );
-    assert!(log.contains("v1.31.0-outpost-stand-in"), "{log}");
-    let seen = kube.seen();
+    assert!(
+        log.contains("\"serverVersion\""),
+        "kubectl reached the API server: {log}"
+    );
+    let seen = kube.requests();
     assert!(
         seen.iter()
-            .any(|r| r.path.starts_with("/version") && r.bearer.as_deref() == Some("prod-token")),
+            .any(|r| r.path.starts_with("/version") && r.token.as_deref() == Some("prod-token")),
         "{seen:?}"
     );
     assert!(
-        seen.iter()
-            .all(|r| r.bearer.as_deref() != Some("dev-token")),
+        seen.iter().all(|r| r.token.as_deref() != Some("dev-token")),
         "only the configured context was used: {seen:?}"
     );
     // What the job did to its copy did not touch the operator's file.
@@ -650,7 +674,9 @@ async fn doctor_explains_dns_tls_and_token_failures() {
     };
     let server = TestServer::start(&db, &[]).await;
     let identity = IdentityStandIn::start().await;
-    let kube = KubeVersionApi::start().await;
+    let kube = KubeStandIn::start().await;
+    // The identity stand-in's default minter issues `idt_…` tokens; the API server takes them.
+    kube.accept_tokens_where(Some(Arc::new(|token: &str| token.starts_with("idt_"))));
     let other_ca = TestCa::new("some other CA");
     let files = tempfile::tempdir().unwrap();
     let right_ca = files.path().join("right-ca.pem");
@@ -674,7 +700,7 @@ async fn doctor_explains_dns_tls_and_token_failures() {
         "cluster:aks-prod",
         "✔ TLS: the API server's certificate is signed by the CA",
         "✔ Token: got an Entra ID token",
-        "✔ API: GET /version with the token answered: Kubernetes v1.31.0-outpost-stand-in",
+        "✔ API: GET /version with the token answered: Kubernetes v1.35.0",
         "All checks passed.",
     ] {
         assert!(all.contains(step), "missing {step:?} in\n{all}");
