@@ -13,6 +13,7 @@
 //! - [`logs`]: the job log: masking, the in-memory window and on-disk spool, the batching uploader;
 //! - [`mask`]: secret masking of a stream that arrives in pieces;
 //! - [`spool`]: the bounded on-disk ring of log bytes the server has not acknowledged;
+//! - [`invoke`]: ad-hoc commands from `outpost invoke`: uploaded files, the program to start;
 //! - [`expand`]: `${NAME}` in `kubectl`/`helm` arguments and the `{0}` shell line;
 //! - [`settings`]: `credentials.json` and `runner.toml`.
 //!
@@ -26,6 +27,7 @@ pub mod agent;
 pub mod backoff;
 mod checkout;
 pub mod expand;
+pub mod invoke;
 pub mod job;
 pub mod logs;
 pub mod mask;
