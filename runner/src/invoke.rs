@@ -99,7 +99,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(n, 10 + 19);
+        assert_eq!(n, 10 + 18);
         assert_eq!(
             std::fs::read(dir.path().join("m.yaml")).unwrap(),
             b"kind: Pod\n"

@@ -25,6 +25,8 @@ backend_tests!(
     invoke_runs_commands_and_propagates_exit_codes,
     invoke_is_refused_without_the_permission_and_audited_with_it,
     ctrl_c_cancels_the_remote_command,
+    the_web_run_command_box_needs_the_permission_and_streams_the_job,
+    login_saves_a_private_config_that_later_commands_use,
 );
 
 /// How long one CLI command may take, following a job included.
@@ -462,4 +464,199 @@ async fn ctrl_c_cancels_the_remote_command(backend: Backend) {
     let run = client.get_run(job.run_id).await.expect("GET run");
     assert_eq!(run.status, RunStatus::Cancelled);
     drop(runner);
+}
+
+/// A browser session: the cookie and the CSRF token of the page it last loaded.
+struct WebSession {
+    http: reqwest::Client,
+    base: String,
+    cookie: String,
+}
+
+impl WebSession {
+    async fn login(server: &TestServer, token: &str) -> WebSession {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a client can be built");
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .append_pair("next", "/runners")
+            .finish();
+        let resp = http
+            .post(format!("{}/login", server.url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .expect("POST /login");
+        assert_eq!(resp.status(), 303, "login succeeds");
+        let cookie = resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        WebSession {
+            http,
+            base: server.url().to_string(),
+            cookie,
+        }
+    }
+
+    async fn page(&self, path: &str) -> String {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .expect("GET page");
+        assert_eq!(resp.status(), 200, "GET {path}");
+        resp.text().await.expect("page text")
+    }
+
+    /// Posts the form with the page's CSRF token; returns the status and `Location`.
+    async fn post(&self, path: &str, page: &str, form: &[(&str, &str)]) -> (u16, String) {
+        let at = page
+            .find("name=\"csrf-token\" content=\"")
+            .expect("the page carries a CSRF token")
+            + 27;
+        let csrf = &page[at..at + 64];
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("csrf", csrf)
+            .extend_pairs(form)
+            .finish();
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .expect("POST form");
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (resp.status().as_u16(), location)
+    }
+}
+
+async fn the_web_run_command_box_needs_the_permission_and_streams_the_job(backend: Backend) {
+    let db = test_db!(backend);
+    let server = TestServer::start(&db, &[]).await;
+    let _runner = TestRunner::start(&server, "web-runner", &["e2e"], &[]).await;
+    let client = server.client();
+    let form = [
+        ("labels", "e2e"),
+        ("command", "echo \"web-$((2 + 3))\" && exit 7"),
+        ("shell", "on"),
+        ("timeout", "1m"),
+    ];
+
+    let trigger = WebSession::login(&server, &server.token(Scope::Trigger).await).await;
+    let page = trigger.page("/runners").await;
+    assert!(
+        !page.contains("Run command"),
+        "no box without the permission"
+    );
+    let (status, _) = trigger.post("/runners/invoke", &page, &form).await;
+    assert_eq!(status, 403);
+    assert!(
+        invoke_runs(&server).await.runs.is_empty(),
+        "nothing was queued"
+    );
+
+    let invoker = WebSession::login(&server, &server.token(Scope::Invoke).await).await;
+    let page = invoker.page("/runners").await;
+    assert!(page.contains("Run command"), "the box is there");
+    let (status, location) = invoker.post("/runners/invoke", &page, &form).await;
+    assert_eq!(status, 303, "the form redirects to the job");
+    let job_id: uuid::Uuid = location
+        .strip_prefix("/jobs/")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("redirected to {location}, not a job"));
+    // The job page is the live log viewer.
+    let job_page = invoker.page(&location).await;
+    assert!(job_page.contains(&job_id.to_string()));
+    let job = wait_for_job(&client, job_id, WAIT).await;
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.exit_code, Some(7));
+    let log = client.get_log(job_id, 0).await.expect("GET log");
+    assert_eq!(&log[..], b"web-5\n");
+    let audit = client
+        .list_audit(Some("invoke"), None, None)
+        .await
+        .expect("GET audit");
+    assert_eq!(audit.events.len(), 1);
+    assert_eq!(audit.events[0].job_id, Some(job_id));
+    assert_eq!(audit.events[0].exit_code, Some(7));
+}
+
+async fn login_saves_a_private_config_that_later_commands_use(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let db = test_db!(backend);
+    let server = TestServer::start(&db, &[]).await;
+    let _runner = TestRunner::start(&server, "seen-after-login", &["e2e"], &[]).await;
+    let dir = scratch_dir();
+    let config = dir.path().join("outpost").join("config.toml");
+    // Only the config file: no server or token in the environment.
+    let bare = |args: &[&str]| {
+        let mut cmd = outpost(&server, "", args);
+        cmd.env_remove("OUTPOST_SERVER")
+            .env_remove("OUTPOST_TOKEN")
+            .env("OUTPOST_CONFIG", &config);
+        cmd
+    };
+
+    let out = finish(
+        bare(&[
+            "login",
+            "--server",
+            server.url(),
+            "--token",
+            "opa_not-a-token",
+        ]),
+        "outpost login (bad token)",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid"));
+    assert!(!config.exists(), "a refused login saves nothing");
+
+    let token = server.token(Scope::Read).await;
+    let mut login = bare(&["login", "--server", server.url()]);
+    login.stdin(Stdio::piped());
+    let mut child = login.spawn().expect("outpost login starts");
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        stdin
+            .write_all(format!("{token}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eq!(wait_exit(&mut child, "outpost login").await, 0);
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the config file is private");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains(&token) && text.contains(server.url()),
+        "{text}"
+    );
+
+    let out = finish(bare(&["runners"]), "outpost runners").await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("seen-after-login"));
+
+    let out = finish(bare(&["logout"]), "outpost logout").await;
+    assert_eq!(out.status.code(), Some(0));
+    let out = finish(bare(&["runners"]), "outpost runners after logout").await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outpost login"));
 }

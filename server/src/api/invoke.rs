@@ -326,40 +326,49 @@ fn mask_words(words: &[String]) -> Vec<String> {
     out
 }
 
-/// The part of `orig` that masking replaced with `***`: what lies between the prefix and the
-/// suffix the two share.
-fn secret_part<'a>(orig: &'a str, masked: &str) -> Option<&'a str> {
-    if orig == masked {
-        return None;
+/// Replaces `word` in `script` wherever it stands as a whole shell word (bounded by the
+/// start or end, blanks, quotes or operators), so that a short secret does not mask unrelated
+/// text.
+fn replace_word(script: &str, word: &str, with: &str) -> String {
+    let boundary = |c: Option<char>| {
+        c.is_none_or(|c| c.is_whitespace() || matches!(c, '\'' | '"' | ';' | '&' | '|' | '(' | ')'))
+    };
+    if word.is_empty() {
+        return script.to_string();
     }
-    let (pre, post) = masked.split_once("***")?;
-    let start = orig
-        .bytes()
-        .zip(pre.bytes())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let end = orig.len()
-        - orig.as_bytes()[start..]
-            .iter()
-            .rev()
-            .zip(post.as_bytes().iter().rev())
-            .take_while(|(a, b)| a == b)
-            .count();
-    let secret = orig.get(start..end)?;
-    (!secret.is_empty()).then_some(secret)
+    let mut out = String::with_capacity(script.len());
+    let mut rest = script;
+    while let Some(i) = rest.find(word) {
+        let before = out.chars().last().or_else(|| rest[..i].chars().last());
+        let before = if i > 0 {
+            rest[..i].chars().last()
+        } else {
+            before
+        };
+        let after = rest[i + word.len()..].chars().next();
+        out.push_str(&rest[..i]);
+        if boundary(before) && boundary(after) {
+            out.push_str(with);
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[i + word.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The command line as the audit trail and the step name show it, secrets masked.
 pub fn masked_command(argv: &[String], shell: bool) -> String {
     if shell {
-        // The script is kept as written (quotes, operators); only the secret parts of the words
-        // that masking changed are replaced in it.
+        // The script is kept as written (quotes, operators); only the words that masking
+        // changed are replaced in it, where they stand as whole words.
         let mut script = argv.join(" ");
         let words = shell_words::split(&script)
             .unwrap_or_else(|_| script.split_whitespace().map(str::to_string).collect());
         for (orig, masked) in words.iter().zip(mask_words(&words)) {
-            if let Some(secret) = secret_part(orig, &masked) {
-                script = script.replace(secret, "***");
+            if *orig != masked {
+                script = replace_word(&script, orig, &masked);
             }
         }
         format!("sh: {script}")
