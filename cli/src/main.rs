@@ -83,7 +83,7 @@ enum Command {
     Cancel(CancelArgs),
     /// List the runners registered with the server.
     Runners,
-    /// Run one command on a runner next to a private cluster, streaming its output live.
+    /// Run one command on a runner next to a private cluster, streaming its output live
     ///
     /// The command runs on a runner that carries the labels (or serves the cluster) you name,
     /// as a direct process without a shell unless --shell is given; its output streams to your
