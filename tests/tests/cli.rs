@@ -318,9 +318,28 @@ async fn invoke_runs_commands_and_propagates_exit_codes(backend: Backend) {
     assert_eq!(code, 127, "{stdout}");
     assert!(stdout.contains("could not start"), "{stdout}");
 
+    // A command that runs past --timeout is stopped, and exits 124 like timeout(1).
+    let (code, _, stderr) = cli(
+        &server,
+        &admin,
+        &[
+            "invoke",
+            "--labels",
+            "e2e",
+            "--timeout",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ],
+    )
+    .await;
+    assert_eq!(code, 124, "{stderr}");
+    assert!(stderr.contains("timeout of 1s"), "{stderr}");
+
     // Invoke runs show in `outpost runs`, with their trigger.
     let list = invoke_runs(&server).await;
-    assert_eq!(list.runs.len(), 6, "one run per invoke");
+    assert_eq!(list.runs.len(), 7, "one run per invoke");
     assert!(
         list.runs
             .iter()
