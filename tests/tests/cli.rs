@@ -14,8 +14,8 @@ use outpost_tests::outpost_protocol::{
     AuditList, INVOKE_PIPELINE, JobStatus, RunList, RunStatus, TriggerKind,
 };
 use outpost_tests::{
-    Backend, Scope, TestRunner, TestServer, backend_tests, binary, eventually, scratch_dir,
-    test_db, wait_for_job,
+    Backend, SECRETS_KEY_ENV, Scope, TestRunner, TestServer, backend_tests, binary, eventually,
+    scratch_dir, test_db, wait_for_job,
 };
 use tokio::io::AsyncReadExt as _;
 use tokio::process::{Child, Command};
@@ -352,7 +352,8 @@ async fn invoke_runs_commands_and_propagates_exit_codes(backend: Backend) {
 
 async fn invoke_is_refused_without_the_permission_and_audited_with_it(backend: Backend) {
     let db = test_db!(backend);
-    let server = TestServer::start(&db, &[]).await;
+    let server = TestServer::start(&db, &[SECRETS_KEY_ENV]).await;
+    server.set_secret("DEPLOY_KEY", "hunter2-xyz").await;
     let _runner = TestRunner::start(&server, "audited", &["e2e"], &[]).await;
     let trigger = server.token(Scope::Trigger).await;
     let invoker = server.token(Scope::Invoke).await;
@@ -401,6 +402,14 @@ async fn invoke_is_refused_without_the_permission_and_audited_with_it(backend: B
     )
     .await;
     assert_eq!(code, 5, "{stdout}{stderr}");
+    // A value from the secret store is masked wherever it appears in the command line.
+    let (code, stdout, stderr) = cli(
+        &server,
+        &invoker,
+        &["invoke", "--labels", "e2e", "--", "echo", "key=hunter2-xyz"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
 
     // Only admins read the trail.
     let (code, _, stderr) = cli(&server, &invoker, &["audit"]).await;
@@ -414,8 +423,13 @@ async fn invoke_is_refused_without_the_permission_and_audited_with_it(backend: B
     .await;
     assert_eq!(code, 0, "{stderr}");
     let audit: AuditList = serde_json::from_str(&stdout).expect("audit -o json is the API's JSON");
-    assert_eq!(audit.events.len(), 1, "{stdout}");
-    let event = &audit.events[0];
+    assert_eq!(audit.events.len(), 2, "{stdout}");
+    assert_eq!(audit.events[0].command.as_deref(), Some("echo 'key=***'"));
+    assert!(
+        !stdout.contains("hunter2"),
+        "a stored secret leaked: {stdout}"
+    );
+    let event = &audit.events[1];
     assert_eq!(event.kind, "invoke");
     assert!(event.actor.starts_with("e2e-invoke-"), "{}", event.actor);
     let command = event.command.as_deref().unwrap_or_default();

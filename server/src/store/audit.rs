@@ -64,12 +64,32 @@ struct AuditRow {
     exit_code: Option<i32>,
 }
 
+/// Secret values shorter than this are not masked: they would mask ordinary words.
+const MIN_MASKED_LEN: usize = 4;
+
+/// `text` with every occurrence of each value replaced by `***`.
+fn mask_values(text: &str, values: &[String]) -> String {
+    let mut text = text.to_string();
+    for v in values {
+        if text.contains(v.as_str()) {
+            text = text.replace(v.as_str(), "***");
+        }
+    }
+    text
+}
+
 impl Store {
     /// Queues an ad-hoc command as a one-job run and writes its audit record.
     ///
     /// The run and the record are written by separate statements; if the record cannot be
     /// written, the run is cancelled again, so no command runs unaudited.
-    pub async fn create_invoke(&self, new: NewInvoke) -> StoreResult<Run> {
+    pub async fn create_invoke(&self, mut new: NewInvoke) -> StoreResult<Run> {
+        // Values from the secret store are masked too, wherever they appear in the command.
+        let secrets = self.secret_values().await?;
+        new.masked_command = mask_values(&new.masked_command, &secrets);
+        for step in &mut new.job.steps {
+            step.name = mask_values(&step.name, &secrets);
+        }
         let def = PipelineDef {
             description: None,
             repository: None,
@@ -100,6 +120,27 @@ impl Store {
             return Err(e);
         }
         Ok(run)
+    }
+
+    /// The values of every stored secret that decrypts, longest first; none without a key.
+    async fn secret_values(&self) -> StoreResult<Vec<String>> {
+        let Some(key) = self.secrets_key.get() else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = dispatch!(self, pool => {
+            sqlx::query_as("SELECT name, pipeline, nonce, ciphertext FROM secrets")
+                .fetch_all(pool)
+                .await?
+        });
+        let mut values: Vec<String> = rows
+            .iter()
+            .filter_map(|(name, pipeline, nonce, ciphertext)| {
+                key.decrypt(name, pipeline, nonce, ciphertext).ok()
+            })
+            .filter(|v| v.len() >= MIN_MASKED_LEN)
+            .collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        Ok(values)
     }
 
     async fn record_audit(
@@ -196,5 +237,20 @@ impl Store {
             events,
             next_cursor,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_secret_values_are_masked_longest_first() {
+        let values = vec!["hunter2-long".to_string(), "hunter2".to_string()];
+        assert_eq!(
+            mask_values("mysql -phunter2-long && echo hunter2", &values),
+            "mysql -p*** && echo ***"
+        );
+        assert_eq!(mask_values("kubectl get pods", &values), "kubectl get pods");
     }
 }
