@@ -15,6 +15,7 @@ use crate::store::Store;
 pub mod error;
 pub mod extract;
 mod hooks;
+pub(crate) mod invoke;
 mod logs;
 mod pipelines;
 mod runner;
@@ -55,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/cancel", post(runs::cancel_job))
         .route("/jobs/{id}/log", get(logs::get_log))
         .route("/jobs/{id}/log/stream", get(logs::stream_log))
+        .route("/invoke", post(invoke::invoke))
+        .route("/audit", get(invoke::list_audit))
         .route("/webhook-deliveries", get(hooks::list_deliveries))
         .route("/secrets", get(secrets::list))
         .route("/secrets/{name}", put(secrets::put).delete(secrets::delete))
