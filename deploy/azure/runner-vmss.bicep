@@ -155,7 +155,8 @@ resource scaleSet 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
     }
     virtualMachineProfile: {
       osProfile: {
-        computerNamePrefix: take(replace(name, '-', ''), 9)
+        // Instances are named <prefix><6 digits>; the runner registers under that host name.
+        computerNamePrefix: take(name, 20)
         adminUsername: adminUsername
         customData: base64(cloudInit)
         linuxConfiguration: {
@@ -272,4 +273,4 @@ output identityClientId string = identity.properties.clientId
 output scaleSetId string = scaleSet.id
 
 @description('The pool the server should map identityPrincipalId to.')
-output pool string = pool
+output runnerPool string = pool
