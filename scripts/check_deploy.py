@@ -14,6 +14,8 @@ Run by scripts/check-deploy (which installs pycep-parser and PyYAML first):
   and its kubectl/helm pins are the runner image's.
 - deploy/systemd/outpost-runner.service: the settings that make it drain and keep it hardened.
 - docker/*.Dockerfile: multi-stage, non-root numeric user, a HEALTHCHECK; checksummed tools.
+- deploy/kubernetes/runner.yaml: non-root, a volume for the credentials, a grace period that
+  covers draining, and only variables the runner image reads.
 - docker-compose.yml (as `docker-compose config` resolved it): health-gated start order and the
   registration token handed from init to the runner through a shared volume.
 
@@ -300,9 +302,30 @@ def check_compose(config_path: pathlib.Path) -> None:
     check(server_url.startswith("http://server:"), f"compose: the runner's OUTPOST_SERVER {server_url} is not the server service")
 
 
+def check_kubernetes() -> None:
+    documents = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/runner.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in documents}
+    for kind in ("ServiceAccount", "StatefulSet"):
+        check(kind in kinds, f"kubernetes: no {kind}")
+    if "StatefulSet" not in kinds:
+        return
+    pod = kinds["StatefulSet"]["spec"]["template"]["spec"]
+    check(pod.get("securityContext", {}).get("runAsNonRoot") is True, "kubernetes: the pod must run as non-root")
+    check(pod.get("terminationGracePeriodSeconds", 0) > 3600, "kubernetes: terminationGracePeriodSeconds must cover the 3600 s drain grace")
+    check(pod.get("serviceAccountName") == kinds.get("ServiceAccount", {}).get("metadata", {}).get("name"),
+          "kubernetes: the pod does not use the ServiceAccount")
+    mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+    check("/var/lib/outpost-runner" in mounts, "kubernetes: the runner's config dir is not on a volume")
+    env = {e["name"] for c in pod["containers"] for e in c.get("env", [])}
+    check({"OUTPOST_SERVER", "OUTPOST_RUNNER_LABELS"} <= env, "kubernetes: OUTPOST_SERVER or OUTPOST_RUNNER_LABELS missing")
+    entrypoint = (ROOT / "docker/runner-entrypoint.sh").read_text()
+    for name in env:
+        check(name in entrypoint or name.startswith("OUTPOST_RUNNER__"), f"kubernetes: the runner image does not read {name}")
+
+
 def main() -> int:
     compose_config = pathlib.Path(sys.argv[1])
-    for step in (check_bicep, check_cloud_init, check_systemd, check_dockerfiles, lambda: check_compose(compose_config)):
+    for step in (check_bicep, check_cloud_init, check_systemd, check_dockerfiles, check_kubernetes, lambda: check_compose(compose_config)):
         try:
             step()
         except Exception as e:  # A file too broken to inspect is a failure, with its reason.
@@ -312,7 +335,7 @@ def main() -> int:
     if failures:
         print(f"0 passed, {len(failures)} failed", file=sys.stderr)
         return 1
-    print("check_deploy: bicep, cloud-init, systemd, Dockerfiles and compose hold their key properties")
+    print("check_deploy: bicep, cloud-init, systemd, Dockerfiles, Kubernetes and compose hold their key properties")
     return 0
 
 
