@@ -161,6 +161,20 @@ impl Client {
         .await
     }
 
+    /// The runner this client's runner token belongs to; claims nothing.
+    pub async fn runner_me(&self) -> Result<RunnerIdentity, ClientError> {
+        Self::json(self.request(Method::GET, "/api/v1/runner/me", None)).await
+    }
+
+    /// How this server lets runners register (`GET /api/v1/runner/registration-info`, no token).
+    pub async fn registration_info(&self) -> Result<RegistrationInfo, ClientError> {
+        let req = self
+            .http
+            .get(format!("{}/api/v1/runner/registration-info", self.base))
+            .timeout(CALL_TIMEOUT);
+        Self::json(req).await
+    }
+
     /// Long-polls for a job for up to `wait` (the server may cap it); `None` when none came.
     pub async fn acquire(&self, wait: Duration) -> Result<Acquired, ClientError> {
         let body = AcquireRequest {
@@ -400,6 +414,35 @@ impl Client {
             ))
         });
         Box::pin(futures::TryStreamExt::try_flatten(connect))
+    }
+
+    /// Queues an ad-hoc command (`outpost invoke`); answers the run it created, with its job.
+    pub async fn invoke(&self, req: &InvokeRequest) -> Result<Run, ClientError> {
+        Self::json(self.request(Method::POST, "/api/v1/invoke", None).json(req)).await
+    }
+
+    /// Lists audit records, newest first; `kind` filters (e.g. `invoke`).
+    pub async fn list_audit(
+        &self,
+        kind: Option<&str>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<AuditList, ClientError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(k) = kind {
+            query.push(("kind", k.to_string()));
+        }
+        if let Some(l) = limit {
+            query.push(("limit", l.to_string()));
+        }
+        if let Some(c) = cursor {
+            query.push(("cursor", c.to_string()));
+        }
+        Self::json(
+            self.request(Method::GET, "/api/v1/audit", None)
+                .query(&query),
+        )
+        .await
     }
 
     /// Like [`Client::apply_pipeline`], and also tells whether the pipeline was created (`201`)

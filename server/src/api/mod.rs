@@ -15,6 +15,7 @@ use crate::store::Store;
 pub mod error;
 pub mod extract;
 mod hooks;
+pub(crate) mod invoke;
 mod logs;
 mod pipelines;
 mod runner;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Cancelled when the server shuts down, so long polls and streams end promptly.
     pub shutdown: CancellationToken,
+    /// Checks Entra ID tokens at runner registration; `None` when `[entra]` is not configured.
+    pub entra: Option<Arc<crate::entra::EntraVerifier>>,
 }
 
 /// The whole HTTP surface.
@@ -53,11 +56,15 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/cancel", post(runs::cancel_job))
         .route("/jobs/{id}/log", get(logs::get_log))
         .route("/jobs/{id}/log/stream", get(logs::stream_log))
+        .route("/invoke", post(invoke::invoke))
+        .route("/audit", get(invoke::list_audit))
         .route("/webhook-deliveries", get(hooks::list_deliveries))
         .route("/secrets", get(secrets::list))
         .route("/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .route("/runners", get(runner::list))
         .route("/runner/register", post(runner::register))
+        .route("/runner/me", get(runner::me))
+        .route("/runner/registration-info", get(runner::registration_info))
         .route("/runner/acquire", post(runner::acquire))
         .route("/runner/jobs/{id}/heartbeat", post(runner::heartbeat))
         .route("/runner/jobs/{id}/log", put(runner::append_log))

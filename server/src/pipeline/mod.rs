@@ -406,7 +406,22 @@ fn parse_job(entry: &Entry, secrets: &[String]) -> Result<(JobDef, Vec<Mark>), P
         None => Vec::new(),
     };
     let cluster = match get(fields, "cluster") {
-        Some(e) => optional_text(&e.value, "`cluster`")?,
+        Some(e) => {
+            let cluster = optional_text(&e.value, "`cluster`")?;
+            // The cluster becomes the required runner label `cluster:NAME`, so it must be a name
+            // a runner can register with, or the job would wait for ever.
+            if let Some(c) = &cluster
+                && (c.len() > 63
+                    || !c
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')))
+            {
+                return Err(e.value.mark.error(format!(
+                    "`{c}` is not a valid cluster name: use 1 to 63 letters, digits, `-`, `_` or `.`, as in the runner's `[clusters.NAME]`"
+                )));
+            }
+            cluster
+        }
         None => None,
     };
     let environment = match get(fields, "environment") {
@@ -1051,7 +1066,7 @@ fn duration(node: &Node, what: &str) -> Result<u64, PipelineError> {
 /// The number of seconds in `text`, or `None` when it is not a duration.
 ///
 /// Units must come in the order hours, minutes, seconds, each at most once.
-fn duration_secs(text: &str) -> Option<u64> {
+pub(crate) fn duration_secs(text: &str) -> Option<u64> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         return text.parse().ok();
     }

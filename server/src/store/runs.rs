@@ -329,14 +329,28 @@ impl Store {
         // The number is taken in its own short statement, so concurrent triggers of one pipeline
         // hold the pipeline row only for that instant rather than for the whole insert. A run
         // whose insert then fails leaves a gap in the numbering, nothing worse.
-        let number: Option<(i64,)> = dispatch!(self, pool => {
-            sqlx::query_as(
-                "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
-            )
-            .bind(&new.pipeline)
-            .fetch_optional(pool)
-            .await?
-        });
+        let number: Option<(i64,)> = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
+            // Invoke runs have no pipeline row: they count in a table of their own.
+            dispatch!(self, pool => {
+                sqlx::query_as(
+                    "INSERT INTO run_numbers (pipeline, next_number) VALUES ($1, 2) \
+                     ON CONFLICT (pipeline) DO UPDATE SET next_number = run_numbers.next_number + 1 \
+                     RETURNING next_number - 1",
+                )
+                .bind(&new.pipeline)
+                .fetch_optional(pool)
+                .await?
+            })
+        } else {
+            dispatch!(self, pool => {
+                sqlx::query_as(
+                    "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
+                )
+                .bind(&new.pipeline)
+                .fetch_optional(pool)
+                .await?
+            })
+        };
         let Some((number,)) = number else {
             return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
         };
@@ -369,7 +383,7 @@ impl Store {
                 pipeline: new.pipeline.clone(),
                 name: job.name.clone(),
                 status,
-                runs_on: job.runs_on.clone(),
+                runs_on: required_labels(&job.runs_on, job.cluster.as_deref()),
                 needs: job.needs.clone(),
                 cluster: job.cluster.clone(),
                 environment: job.environment.clone(),
@@ -595,6 +609,19 @@ impl Store {
         });
         Ok(())
     }
+}
+
+/// The labels a runner needs for a job: its `runs_on`, plus `cluster:NAME` when it names a
+/// cluster, which runners carry for each cluster they registered with.
+fn required_labels(runs_on: &[String], cluster: Option<&str>) -> Vec<String> {
+    let mut labels = runs_on.to_vec();
+    if let Some(cluster) = cluster {
+        let label = super::runners::cluster_label(cluster);
+        if !labels.contains(&label) {
+            labels.push(label);
+        }
+    }
+    labels
 }
 
 #[cfg(test)]
