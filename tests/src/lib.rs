@@ -13,7 +13,8 @@
 //! - `TEST_LOG`: when set, the servers' and runners' output is copied into the test's output.
 //! - `OUTPOST_TEST_HELM`: a `helm` binary to use instead of the one [`helm`] installs.
 //!
-//! Stand-ins and fixtures live in their own modules: [`kube`] is the fake Kubernetes API server,
+//! Stand-ins and fixtures live in their own modules: [`kube`] is the Kubernetes API server
+//! stand-in (HTTPS, bearer tokens, the real wire format),
 //! [`git`] makes repositories and serves one as a private forge.
 
 #![forbid(unsafe_code)]
