@@ -15,7 +15,8 @@
 //!
 //! Stand-ins and fixtures live in their own modules: [`kube`] is the Kubernetes API server
 //! stand-in (HTTPS, bearer tokens, the real wire format),
-//! [`git`] makes repositories and serves one as a private forge.
+//! [`git`] makes repositories and serves one as a private forge,
+//! [`netns`] makes a private network (a namespace behind a firewall) for the end-to-end test.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod git;
 pub mod identity;
 pub mod kube;
 pub mod kube_tls;
+pub mod netns;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
