@@ -165,6 +165,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
         return;
     }
     let started = Instant::now();
+    let mark = |what: &str| eprintln!("private-network e2e: {what} at {:.1?}", started.elapsed());
     // Dropped last (declared first): kills what still runs inside, deletes the namespace.
     let network = PrivateNetwork::create();
     let ns_ip = network.ns_ip();
@@ -220,6 +221,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
     );
     let client = server.client();
 
+    mark("the topology is up");
     // (1) Nothing outside opens a connection into the vNet, not even to a listening port.
     let dropped_before = network.dropped_packets();
     let probe = tcp_connect(api_addr, Duration::from_secs(2)).await;
@@ -239,6 +241,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
         "the probe reached the stand-in"
     );
 
+    mark("the host's probe was dropped");
     // The runner, inside, registered with cluster aks-e2e (managed identity).
     let dir = tempfile::Builder::new()
         .prefix("outpost-e2e-vnet-")
@@ -314,6 +317,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
     output.keep(runner.stdout.take().expect("stdout is piped"));
     output.keep(runner.stderr.take().expect("stderr is piped"));
 
+    mark("the runner registered");
     // (2) A pipeline started through the server's API, from the host, deploys through it.
     let repo = GitRepo::new();
     repo.copy_dir(&fixtures().join("chart"), "chart");
@@ -357,6 +361,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
     assert!(log.contains("deployment.apps/api created"), "{log}");
     assert!(log.contains("STATUS: deployed"), "{log}");
 
+    mark("the run succeeded");
     // (3) The stand-ins recorded it: one managed identity token request for the AKS resource,
     // and every API request carried exactly that token.
     let token_requests = identity.requests();
@@ -451,7 +456,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
     let args = [
         "--kubeconfig",
         kubeconfig.as_str(),
-        "--request-timeout=5s",
+        "--request-timeout=2s",
         "get",
         "configmap",
         "api-settings",
@@ -473,7 +478,12 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
         !ok,
         "kubectl from the host reached the private API:\n{stdout}"
     );
+    // It timed out: the firewall dropped its packets (a refusal would need an answer).
     assert!(stderr.contains(&api_addr.to_string()), "{stderr}");
+    assert!(
+        stderr.contains("deadline exceeded") || stderr.contains("timeout"),
+        "{stderr}"
+    );
     assert_eq!(
         kube.requests().len(),
         seen,
@@ -485,6 +495,10 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
         "kubectl from the host reached the stand-in"
     );
     assert!(network.dropped_packets() > dropped_before);
+    mark(&format!(
+        "kubectl from the host failed ({})",
+        stderr.trim().lines().last().unwrap_or_default()
+    ));
     let mut from_inside = network.command(Path::new(KUBECTL));
     from_inside.args(args);
     let (ok, stdout, stderr) = run(
@@ -499,6 +513,7 @@ async fn a_runner_inside_a_closed_vnet_deploys_to_its_private_cluster() {
     );
     assert_eq!(stdout.trim(), "configmap/api-settings");
 
+    mark("kubectl inside succeeded");
     // (4) The firewall stayed in force for the whole run, and still refuses.
     assert_eq!(network.input_rules(), rules);
     let dropped_before = network.dropped_packets();
