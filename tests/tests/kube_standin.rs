@@ -557,11 +557,16 @@ async fn requests_without_an_accepted_token_or_the_ca_are_refused() {
         assert_eq!(r.token.as_deref(), Some("a-wrong-token"), "{r:?}");
     }
 
-    // The right token gets in; a token refused later is refused from then on.
+    // The right token gets in (and may do anything); a token refused later is refused from
+    // then on.
     let right = Tools::new(&kube, "the-right-token");
     right
         .kubectl_ok(&["get", "configmaps", "-n", "default"])
         .await;
+    let out = right
+        .kubectl_ok(&["auth", "can-i", "create", "deployments"])
+        .await;
+    assert_eq!(out.stdout.trim(), "yes", "{out}");
     kube.refuse_token("the-right-token");
     let out = right.kubectl(&["get", "configmaps", "-n", "default"]).await;
     assert!(!out.success, "{out}");
@@ -1559,4 +1564,130 @@ async fn a_pipeline_deploys_through_the_runner_and_rolls_back_a_stalled_release(
             "no request from {agent}"
         );
     }
+}
+
+const CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names:
+    plural: widgets
+    singular: widget
+    kind: Widget
+    shortNames: [wd]
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+"#;
+
+const WIDGET: &str = r#"
+apiVersion: example.com/v1
+kind: Widget
+metadata:
+  name: gizmo
+  namespace: default
+spec:
+  size: 3
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_resource_definition_serves_its_kind_until_deleted() {
+    let kube = KubeStandIn::start().await;
+    let tools = Tools::new(&kube, DEFAULT_TOKEN);
+    let crd = tools.write("crd.yaml", CRD);
+    let widget = tools.write("widget.yaml", WIDGET);
+    tools
+        .kubectl_ok(&["apply", "-f", crd.to_str().expect("UTF-8")])
+        .await;
+    let out = tools
+        .kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/widgets.example.com",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(out.stdout.contains("condition met"), "{out}");
+
+    // The new kind is discovered and stored like any other.
+    let out = tools
+        .kubectl_ok(&["apply", "-f", widget.to_str().expect("UTF-8")])
+        .await;
+    assert!(
+        out.stdout.contains("widget.example.com/gizmo created"),
+        "{out}"
+    );
+    let out = tools
+        .kubectl_ok(&[
+            "get",
+            "wd",
+            "gizmo",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.spec.size}",
+        ])
+        .await;
+    assert_eq!(out.stdout, "3", "{out}");
+    let changed = WIDGET.replace("size: 3", "size: 5");
+    let widget = tools.write("widget.yaml", &changed);
+    let out = tools
+        .kubectl_ok(&["apply", "-f", widget.to_str().expect("UTF-8")])
+        .await;
+    assert!(
+        out.stdout.contains("widget.example.com/gizmo configured"),
+        "{out}"
+    );
+    let stored = kube
+        .object("widgets.example.com", Some("default"), "gizmo")
+        .expect("the widget is stored");
+    assert_eq!(stored["spec"]["size"], 5);
+    assert_eq!(stored["metadata"]["generation"], 2);
+    // A kind unknown to kubectl's scheme is patched with a JSON merge patch.
+    let patch = kube
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "PATCH")
+        .expect("the change was a PATCH");
+    assert_eq!(
+        patch.path,
+        "/apis/example.com/v1/namespaces/default/widgets/gizmo"
+    );
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+
+    // Deleting the definition takes the kind and its objects away.
+    tools
+        .kubectl_ok(&["delete", "crd", "widgets.example.com"])
+        .await;
+    let out = tools.kubectl(&["get", "widgets", "-n", "default"]).await;
+    assert!(!out.success, "{out}");
+    // Whether kubectl still has the kind in its discovery cache or not, the server says no.
+    assert!(
+        out.stderr
+            .contains("the server doesn't have a resource type")
+            || out
+                .stderr
+                .contains("the server could not find the requested resource"),
+        "{out}"
+    );
+    let out = tools
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/apis/example.com/v1/namespaces/default/widgets/gizmo",
+        ])
+        .await;
+    assert!(!out.success, "{out}");
 }

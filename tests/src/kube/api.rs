@@ -22,8 +22,6 @@ use super::table;
 
 /// Everything the handlers share.
 pub struct Shared {
-    /// The served types.
-    pub resources: Vec<ResourceType>,
     /// The objects.
     pub store: Mutex<Store>,
     /// The bearer tokens that are let in.
@@ -250,7 +248,8 @@ fn route(
 ) -> Result<Response, ApiError> {
     let path = uri.path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let resources = &shared.resources;
+    let resources = lock(&shared.store).resources().to_vec();
+    let resources = &resources;
     let (group, version, rest) = match segments.as_slice() {
         ["version"] => return ok(&resources::version()),
         ["healthz" | "livez" | "readyz"] => {
@@ -342,6 +341,11 @@ fn route(
             "the server does not allow this method on the requested resource",
         )),
     }
+}
+
+/// Whether `rt` is the type of CustomResourceDefinitions, whose objects add served types.
+fn is_crd(rt: &ResourceType) -> bool {
+    (rt.group, rt.kind) == ("apiextensions.k8s.io", "CustomResourceDefinition")
 }
 
 /// The key a target names, checking that a namespaced type got a namespace.
@@ -562,6 +566,11 @@ fn write(
     let resource_version = store.next_resource_version();
     object["metadata"]["resourceVersion"] = json!(resource_version.to_string());
     store.put(key, object.clone(), resource_version);
+    if is_crd(rt)
+        && let Some(custom) = resources::from_crd(&object)
+    {
+        store.register(custom);
+    }
     Ok((object, old.is_none()))
 }
 
@@ -605,6 +614,14 @@ fn create(
     }
     let mut object = parse_body(content_type, body)?;
     check_identity(target, &mut object, None)?;
+    if target.rt.is_review() {
+        // Every accepted token may do everything: there is no RBAC to consult.
+        object["status"] = json!({
+            "allowed": true,
+            "reason": "the Kubernetes API stand-in allows every request with an accepted token"
+        });
+        return Ok(json_response(StatusCode::CREATED, &object));
+    }
     if object["metadata"]["name"]
         .as_str()
         .is_none_or(str::is_empty)
@@ -866,6 +883,13 @@ fn patch_object(
 /// Removes an object; a Namespace is marked `Terminating` instead, and a moment later the
 /// namespace controller stand-in removes everything in it, then the namespace itself.
 fn remove(shared: &Arc<Shared>, store: &mut Store, target: &Target, name: &str) -> Option<Value> {
+    if is_crd(target.rt) {
+        let removed = store.remove(&key_of(target, name))?;
+        if let Some(custom) = resources::from_crd(&removed) {
+            store.unregister(custom.group, custom.plural);
+        }
+        return Some(removed);
+    }
     if (target.rt.group, target.rt.plural) != ("", "namespaces") {
         return store.remove(&key_of(target, name));
     }

@@ -33,8 +33,8 @@
 //!   and `kube-node-lease` always do); a deleted Namespace turns `Terminating`, refuses new
 //!   objects, and half a second later disappears with everything in it.
 //! - Bodies in JSON or YAML, and in protobuf for the kinds typed client-go clientsets send
-//!   (Secret, ConfigMap, Namespace, DeleteOptions: helm's release storage and
-//!   `--create-namespace`); answers are always JSON.
+//!   (Secret, ConfigMap, Namespace, DeleteOptions, SelfSubjectAccessReview: helm's release
+//!   storage and `--create-namespace`, `kubectl auth can-i`); answers are always JSON.
 //! - PATCH: JSON patch and JSON merge patch (exact, via the `json-patch` crate), strategic
 //!   merge patch (maps merged, `null` deletes, lists of the built-in types' keyed fields such
 //!   as `containers`, `env`, `ports`, `volumes` merged by their key with the `$patch`,
@@ -45,6 +45,9 @@
 //!   (`sendInitialEvents=true` ending with the `k8s.io/initial-events-end` bookmark, as helm's
 //!   `--wait` asks for), live events, selectors (an object that stops matching is sent as
 //!   `DELETED`), `timeoutSeconds`.
+//! - CustomResourceDefinitions: creating one serves its type (discovery, CRUD, watch) and marks
+//!   it `Established`; deleting it deletes its objects; a test may also add types up front
+//!   with [`KubeStandInBuilder::resource`].
 //! - Tables for `kubectl get` (`Accept: …;as=Table`): Name and Age for every kind, and the
 //!   real server's main columns for Deployments, Services, ConfigMaps, Secrets, Namespaces,
 //!   Pods, StatefulSets and ReplicaSets.
@@ -61,9 +64,9 @@
 //! Limits, on purpose: no ReplicaSets or Pods are made for a Deployment (so no `rollout
 //! history`, no `kubectl logs`), other kinds get no status of their own, no garbage
 //! collection through owner references, no admission webhooks, no RBAC (every accepted token
-//! may do everything, and `kubectl auth can-i` finds no review API), no schema validation
-//! (unknown fields are kept, not refused), no CustomResourceDefinitions (a test adds custom
-//! types with [`KubeStandInBuilder::resource`] instead), no `managedFields`, lists are never
+//! may do everything, and `kubectl auth can-i` always says yes), no schema validation
+//! (unknown fields are kept, not refused), a custom resource is served in its storage version
+//! only, no `managedFields`, lists are never
 //! paginated, the field selector accepts any dotted path, and the whole change history is kept,
 //! so a watch never gets `410 Gone`.
 //!
@@ -217,8 +220,7 @@ impl KubeStandInBuilder {
             self.tokens.into_iter().collect()
         };
         let shared = Arc::new(Shared {
-            resources: self.resources,
-            store: Mutex::new(Store::new()),
+            store: Mutex::new(Store::new(self.resources)),
             tokens: Mutex::new(tokens),
             token_rule: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
@@ -381,12 +383,13 @@ impl KubeStandIn {
         self.handshake_failures.load(Ordering::SeqCst)
     }
 
-    fn resource_type(&self, resource: &str) -> &ResourceType {
+    fn resource_type(&self, resource: &str) -> ResourceType {
         let (plural, group) = resource.split_once('.').unwrap_or((resource, ""));
-        self.shared
-            .resources
+        lock(&self.shared.store)
+            .resources()
             .iter()
             .find(|r| r.plural == plural && r.group == group)
+            .cloned()
             .unwrap_or_else(|| panic!("the kube stand-in serves no resource {resource:?}"))
     }
 
@@ -394,7 +397,7 @@ impl KubeStandIn {
     /// then the group for the named groups) in `namespace` (`None` for cluster-scoped types).
     pub fn object(&self, resource: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
         let rt = self.resource_type(resource);
-        let key = Key::new(rt, namespace.unwrap_or_default(), name);
+        let key = Key::new(&rt, namespace.unwrap_or_default(), name);
         lock(&self.shared.store).get(&key).cloned()
     }
 
@@ -412,12 +415,12 @@ impl KubeStandIn {
     /// Pods cannot start), so `kubectl rollout status` and `helm --wait` time out; with
     /// `false`, every stored Deployment is rolled out at once, and watchers see it.
     pub fn stall_rollouts(&self, stalled: bool) {
+        let rt = self.resource_type("deployments.apps");
         let mut store = lock(&self.shared.store);
         store.rollouts_stalled = stalled;
         if stalled {
             return;
         }
-        let rt = self.resource_type("deployments.apps").clone();
         let deployments: Vec<Value> = store
             .list(rt.group, rt.plural, None)
             .into_iter()
@@ -444,7 +447,7 @@ impl KubeStandIn {
 
     /// Creates namespace `name` directly in the store (no request is recorded).
     pub fn create_namespace(&self, name: &str) {
-        let rt = self.resource_type("namespaces").clone();
+        let rt = self.resource_type("namespaces");
         let mut store = lock(&self.shared.store);
         let key = Key::new(&rt, "", name);
         if store.get(&key).is_some() {

@@ -2,8 +2,8 @@
 //! turned into the JSON the store keeps.
 //!
 //! Typed client-go clientsets send built-in objects as protobuf; helm's release storage
-//! (Secrets, or ConfigMaps with the configmap driver), `--create-namespace` and typed deletes
-//! (`DeleteOptions`) come this way.
+//! (Secrets, or ConfigMaps with the configmap driver), `--create-namespace`, typed deletes
+//! (`DeleteOptions`) and `kubectl auth can-i` come this way.
 //! The types are decoded with the `k8s-pb` bindings; only those kinds are converted, since
 //! generic clients (kubectl, helm's resource handling) send JSON.
 //! Answers are always JSON, which every client accepts.
@@ -20,7 +20,13 @@ use serde_json::{Map, Value, json};
 const MAGIC: &[u8] = b"k8s\0";
 
 /// The kinds whose protobuf bodies are understood.
-pub const KINDS: [&str; 4] = ["Secret", "ConfigMap", "Namespace", "DeleteOptions"];
+pub const KINDS: [&str; 5] = [
+    "Secret",
+    "ConfigMap",
+    "Namespace",
+    "DeleteOptions",
+    "SelfSubjectAccessReview",
+];
 
 /// Decodes a protobuf body into JSON, or says why it cannot.
 pub fn decode(body: &[u8]) -> Result<Value, String> {
@@ -97,6 +103,38 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
                 }
                 o.insert("preconditions".into(), Value::Object(pre));
             }
+            o
+        }
+        "SelfSubjectAccessReview" => {
+            let review =
+                k8s_pb::api::authorization::v1::SelfSubjectAccessReview::decode(raw.as_slice())
+                    .map_err(bad)?;
+            let spec = review.spec.unwrap_or_default();
+            let mut s = Map::new();
+            if let Some(r) = spec.resource_attributes {
+                let attributes: Map<String, Value> = [
+                    ("namespace", r.namespace),
+                    ("verb", r.verb),
+                    ("group", r.group),
+                    ("version", r.version),
+                    ("resource", r.resource),
+                    ("subresource", r.subresource),
+                    ("name", r.name),
+                ]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_string(), json!(v))))
+                .collect();
+                s.insert("resourceAttributes".into(), Value::Object(attributes));
+            }
+            if let Some(n) = spec.non_resource_attributes {
+                s.insert(
+                    "nonResourceAttributes".into(),
+                    json!({"path": n.path, "verb": n.verb}),
+                );
+            }
+            let mut o = Map::new();
+            o.insert("metadata".into(), metadata(review.metadata));
+            o.insert("spec".into(), Value::Object(s));
             o
         }
         other => {

@@ -56,6 +56,12 @@ impl ResourceType {
         }
     }
 
+    /// Whether objects of the type are questions answered at once and never stored
+    /// (`kubectl auth can-i`).
+    pub fn is_review(&self) -> bool {
+        (self.group, self.kind) == ("authorization.k8s.io", "SelfSubjectAccessReview")
+    }
+
     /// Whether the type has a `scale` subresource (the replicated workloads).
     pub fn has_scale(&self) -> bool {
         self.group == "apps" && matches!(self.kind, "Deployment" | "StatefulSet" | "ReplicaSet")
@@ -122,7 +128,51 @@ pub fn default_resources() -> Vec<ResourceType> {
         rt("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, &[], false),
         rt("policy", "v1", "poddisruptionbudgets", "poddisruptionbudget", "PodDisruptionBudget", true, &["pdb"], true),
         rt("autoscaling", "v2", "horizontalpodautoscalers", "horizontalpodautoscaler", "HorizontalPodAutoscaler", true, &["hpa"], true),
+        rt("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "selfsubjectaccessreview", "SelfSubjectAccessReview", false, &[], false),
+        rt("apiextensions.k8s.io", "v1", "customresourcedefinitions", "customresourcedefinition", "CustomResourceDefinition", false, &["crd", "crds"], true),
     ]
+}
+
+/// A name for the table, which lives as long as the test process: the names of a custom
+/// resource are leaked once per definition (a few bytes), so that every row stays `&'static`
+/// like the built-in ones.
+fn leak(text: &str) -> &'static str {
+    Box::leak(text.to_string().into_boxed_str())
+}
+
+/// The type a CustomResourceDefinition defines, served in its storage version; `None` when
+/// the definition lacks a group, names or a served version.
+pub fn from_crd(crd: &Value) -> Option<ResourceType> {
+    let spec = &crd["spec"];
+    let names = &spec["names"];
+    let versions = spec["versions"].as_array()?;
+    let served = |v: &&Value| v["served"] != false;
+    let version = versions
+        .iter()
+        .filter(served)
+        .find(|v| v["storage"] == true)
+        .or_else(|| versions.iter().find(served))?;
+    let kind = names["kind"].as_str()?;
+    let singular = names["singular"]
+        .as_str()
+        .map_or_else(|| kind.to_lowercase(), str::to_string);
+    let short_names: Vec<&'static str> = names["shortNames"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(leak)
+        .collect();
+    Some(ResourceType {
+        group: leak(spec["group"].as_str()?),
+        version: leak(version["name"].as_str()?),
+        plural: leak(names["plural"].as_str()?),
+        singular: leak(&singular),
+        kind: leak(kind),
+        namespaced: spec["scope"] != "Cluster",
+        short_names: Box::leak(short_names.into_boxed_slice()),
+        status_subresource: !version["subresources"]["status"].is_null(),
+    })
 }
 
 /// The server's version, as `/version` answers it.
@@ -216,7 +266,11 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "verbs": if r.is_review() {
+                json!(["create"])
+            } else {
+                json!(["create", "delete", "get", "list", "patch", "update", "watch"])
+            },
             "shortNames": r.short_names,
             "categories": r.categories(),
         }));

@@ -76,6 +76,9 @@ pub struct Event {
 
 /// The objects and their history.
 pub struct Store {
+    /// The served types: the table the stand-in started with, and the custom resources of
+    /// the CustomResourceDefinitions created since.
+    resources: Vec<ResourceType>,
     resource_version: u64,
     objects: BTreeMap<Key, Value>,
     /// The configuration each field manager last applied to each object (server-side apply).
@@ -87,16 +90,11 @@ pub struct Store {
     pub rollouts_stalled: bool,
 }
 
-impl Default for Store {
-    fn default() -> Self {
-        Store::new()
-    }
-}
-
 impl Store {
-    /// An empty store.
-    pub fn new() -> Store {
+    /// An empty store serving `resources`.
+    pub fn new(resources: Vec<ResourceType>) -> Store {
         Store {
+            resources,
             resource_version: 1,
             objects: BTreeMap::new(),
             applied: HashMap::new(),
@@ -105,6 +103,39 @@ impl Store {
             next_cluster_ip: 10,
             rollouts_stalled: false,
         }
+    }
+
+    /// The served types.
+    pub fn resources(&self) -> &[ResourceType] {
+        &self.resources
+    }
+
+    /// Serves `rt` from now on, in place of a type with the same group and plural.
+    pub fn register(&mut self, rt: ResourceType) {
+        match self
+            .resources
+            .iter_mut()
+            .find(|r| r.group == rt.group && r.plural == rt.plural)
+        {
+            Some(existing) => *existing = rt,
+            None => self.resources.push(rt),
+        }
+    }
+
+    /// Stops serving the type `group`/`plural` and deletes its objects, as the real server
+    /// does when a CustomResourceDefinition is deleted.
+    pub fn unregister(&mut self, group: &str, plural: &str) {
+        let keys: Vec<Key> = self
+            .objects
+            .keys()
+            .filter(|k| k.group == group && k.plural == plural)
+            .cloned()
+            .collect();
+        for key in keys {
+            self.remove(&key);
+        }
+        self.resources
+            .retain(|r| !(r.group == group && r.plural == plural));
     }
 
     /// The newest resource version.
@@ -520,6 +551,37 @@ pub fn reconcile_status(rt: &ResourceType, old: Option<&Value>, object: &mut Val
                 None => {
                     json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.10", "ipMode": "VIP"}]}})
                 }
+            }
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            let names = object["spec"]["names"].clone();
+            if let Some(old) = old_status.filter(|s| s["acceptedNames"] == names) {
+                old.clone()
+            } else {
+                let condition = |kind: &str, reason: &str| {
+                    json!({
+                        "type": kind,
+                        "status": "True",
+                        "reason": reason,
+                        "message": "",
+                        "lastTransitionTime": time
+                    })
+                };
+                let stored: Vec<Value> = object["spec"]["versions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|v| v["storage"] == true)
+                    .map(|v| v["name"].clone())
+                    .collect();
+                json!({
+                    "acceptedNames": names,
+                    "conditions": [
+                        condition("NamesAccepted", "NoConflicts"),
+                        condition("Established", "InitialNamesAccepted")
+                    ],
+                    "storedVersions": stored
+                })
             }
         }
         _ => return,
