@@ -268,6 +268,15 @@ impl IdentityStandIn {
     /// Starts both endpoints on free loopback ports; tokens live an hour until
     /// [`IdentityStandIn::set_lifetime`] says otherwise.
     pub async fn start() -> IdentityStandIn {
+        let mi =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("a port on 127.0.0.1 can be bound");
+        IdentityStandIn::start_with_listener(mi).await
+    }
+
+    /// Like [`IdentityStandIn::start`], serving the managed identity endpoint on `mi`, a listener
+    /// bound elsewhere, e.g. inside a network namespace (as the real endpoint is local to the VM)
+    /// with [`crate::kube::bind_in_netns`].
+    pub async fn start_with_listener(mi: std::net::TcpListener) -> IdentityStandIn {
         let minter: Minter = Arc::new(|_: &TokenRequest| format!("idt_{}", random_hex(24)));
         let shared = Arc::new(Shared {
             header_secret: random_hex(16),
@@ -280,9 +289,9 @@ impl IdentityStandIn {
         let mi_app = axum::Router::new()
             .route("/msi/token", axum::routing::get(managed_identity))
             .with_state(shared.clone());
-        let mi = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port on 127.0.0.1 can be bound");
+        mi.set_nonblocking(true)
+            .expect("a listener can be made non-blocking");
+        let mi = TcpListener::from_std(mi).expect("a bound std listener can be served by tokio");
         let mi_addr = mi.local_addr().expect("a bound listener has an address");
         let mi_task = tokio::spawn(async move {
             let _ = axum::serve(mi, mi_app).await;

@@ -16,7 +16,8 @@
 //! Stand-ins and fixtures live in their own modules: [`kube`] is the Kubernetes API server
 //! stand-in (HTTPS, bearer tokens, the real wire format), [`identity`] the managed identity and
 //! Entra ID token endpoints, [`entra`] the Entra ID issuer (JWKS, minted tokens),
-//! [`git`] makes repositories and serves one as a private forge.
+//! [`git`] makes repositories and serves one as a private forge, [`netns`] makes a private
+//! network (a namespace behind a firewall) for the end-to-end test.
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +25,7 @@ pub mod entra;
 pub mod git;
 pub mod identity;
 pub mod kube;
+pub mod netns;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
