@@ -49,6 +49,25 @@ fn step_output(job: &str, log: &[u8]) -> String {
         .collect()
 }
 
+/// The whole stored log of a job, read page by page up to its `log_size`.
+async fn full_log(client: &outpost_tests::outpost_protocol::Client, job: uuid::Uuid) -> Vec<u8> {
+    let size = client.get_job(job).await.expect("GET job").log_size;
+    let mut log = Vec::new();
+    while (log.len() as u64) < size {
+        let page = client
+            .get_log(job, log.len() as u64)
+            .await
+            .expect("GET log");
+        assert!(
+            !page.is_empty(),
+            "the log ends at {} of {size} bytes",
+            log.len()
+        );
+        log.extend_from_slice(&page);
+    }
+    log
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -122,7 +141,7 @@ async fn server_killed_mid_run_loses_no_log_byte(backend: Backend) {
         let job = outpost_tests::job(&done, name);
         assert_eq!(job.attempt, 1, "{name} was claimed once: {job:#?}");
         let expected = expected_output(name, KILL_LINES);
-        let log = job_log(&client, job.id).await;
+        let log = full_log(&client, job.id).await;
         let got = step_output(name, &log);
         let lost = expected.len() as i64 - got.len() as i64;
         println!(
@@ -368,7 +387,7 @@ async fn partitioned_runner_finishes_with_a_complete_log() {
     assert_eq!(done.status, RunStatus::Succeeded, "{}", describe_run(&done));
     let job = outpost_tests::job(&done, "chatty");
     let expected = expected_output("chatty", PARTITION_LINES);
-    let got = step_output("chatty", &job_log(&client, job.id).await);
+    let got = step_output("chatty", &full_log(&client, job.id).await);
     println!(
         "fault=network-partition cut_for={:?} ns={} log_bytes_at_cut={size_at_cut} \
          log_bytes_before_restore={size_before_restore} run_done_after_restore={caught_up:?} \
@@ -404,8 +423,9 @@ async fn partitioned_runner_finishes_with_a_complete_log() {
 
 /// The spool's filesystem: far smaller than what the step prints while the server is away.
 const TINY_FS_BYTES: u64 = 1024 * 1024;
-/// What the step prints in one go while the server is paused: whole lines of 50 bytes.
-const FLOOD_BYTES: u64 = 6_000_000;
+/// What the step prints in one go while the server is paused: whole lines of 50 bytes, more than
+/// the tiny spool and the runner's in-memory fallback (16 MiB) hold together.
+const FLOOD_BYTES: u64 = 24_000_000;
 
 const FLOOD: &str = r#"
 jobs:
@@ -479,7 +499,7 @@ async fn full_spool_filesystem_drops_output_and_says_so() {
         || async {
             let out = runner.output();
             if out.contains("could not write the job's log spool")
-                || out.contains("dropping new output")
+                && out.contains("dropping new output")
             {
                 Ok(())
             } else {
@@ -489,13 +509,29 @@ async fn full_spool_filesystem_drops_output_and_says_so() {
     )
     .await;
     let spool_full_after = paused.elapsed();
+    // The server stays away a little longer: the fault is an outage, not a hiccup.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT the server");
     let paused_for = paused.elapsed();
+    // Once what the runner kept has reached the server, the step prints its last line.
+    let drained_after = eventually(
+        "the kept output to reach the server",
+        Duration::from_secs(120),
+        || async {
+            let j = client.get_job(job_id).await.map_err(|e| e.to_string())?;
+            if j.log_size >= 16 * 1024 * 1024 {
+                Ok(paused.elapsed() - paused_for)
+            } else {
+                Err(format!("{} bytes stored", j.log_size))
+            }
+        },
+    )
+    .await;
     std::fs::write(&go2, b"").expect("let the step end");
 
     let done = wait_for_run(&client, run.id, Duration::from_secs(120)).await;
     assert_eq!(done.status, RunStatus::Succeeded, "{}", describe_run(&done));
-    let log = String::from_utf8_lossy(&job_log(&client, job_id).await).into_owned();
+    let log = String::from_utf8_lossy(&full_log(&client, job_id).await).into_owned();
     let notes: Vec<&str> = log.lines().filter(|l| l.starts_with("[outpost]")).collect();
     let dropped: u64 = notes
         .iter()
@@ -519,18 +555,27 @@ async fn full_spool_filesystem_drops_output_and_says_so() {
     println!(
         "fault=spool-filesystem-full fs_bytes={TINY_FS_BYTES} printed_while_paused={FLOOD_BYTES} \
          server_paused_for={paused_for:?} message_after={spool_full_after:?} \
+         drained_after_resume={drained_after:?} \
          flood_bytes_stored~={kept} dropped_bytes_reported={dropped} notes={notes:?} \
          runner_messages={runner_messages:?}"
     );
     assert!(
         log.contains("first line\n"),
         "the log starts as the step did:\n{}",
-        &log[..log.len().min(2000)]
+        log.chars().take(2000).collect::<String>()
     );
+    // "flood done" was printed while the buffer was full, so it is among the dropped bytes; the
+    // last line comes after the buffer drained, right after the note that says what was dropped.
+    let tail: String = {
+        let mut chars: Vec<char> = log.chars().rev().take(2000).collect();
+        chars.reverse();
+        chars.into_iter().collect()
+    };
+    let note_at = log.rfind("bytes of output were dropped");
+    let last_at = log.rfind("\nlast line\n");
     assert!(
-        log.contains("flood done\n") && log.ends_with("last line\n"),
-        "the job went on after the spool filled up; log tail:\n{}",
-        &log[log.len().saturating_sub(2000)..]
+        matches!((note_at, last_at), (Some(n), Some(l)) if n < l),
+        "the job went on after the spool filled up, and the log says what was dropped before its last line; log tail:\n{tail}"
     );
     assert!(
         dropped > 0,
@@ -540,7 +585,7 @@ async fn full_spool_filesystem_drops_output_and_says_so() {
     let accounted = kept + dropped;
     assert!(
         accounted.abs_diff(FLOOD_BYTES) <= 2 * 50 * notes.len() as u64,
-        "the stored and the dropped bytes add up to what was printed: {kept} + {dropped} vs {FLOOD_BYTES}"
+        "the stored and the dropped bytes add up to what was printed: {kept} + {dropped} vs {FLOOD_BYTES}; log tail:\n{tail}"
     );
     assert_eq!(count_lines(&file).get("flood"), Some(&1));
     assert!(runner.pid().is_some(), "the runner did not crash");
