@@ -4,8 +4,10 @@
 //! Run with `--nocapture` to see the figures.
 //!
 //! The runner killed with `kill -9` mid-job is covered by `lost_job.rs` (the job ends `lost` within
-//! the shortened lease, is never run again, its side effect happened once), and the killed
-//! runner's late calls answering `409` by `fencing.rs`; they are not repeated here.
+//! the shortened lease, is never run again, its side effect happened once), and late calls with an
+//! expired lease token answering `409` by `fencing.rs` (through the protocol client); they are not
+//! repeated here. What is added here is the real runner making those late calls itself: it is
+//! frozen (SIGSTOP) past its lease and thawed, as a VM paused and resumed would be.
 //!
 //! The fixtures that need root (a private PostgreSQL instance, a network namespace, a tmpfs) live
 //! in `outpost_tests::fault`; without root these tests skip (and fail with `CI=true`).
@@ -21,7 +23,10 @@ use outpost_tests::{
 };
 use sha2::{Digest, Sha256};
 
-backend_tests!(server_killed_mid_run_loses_no_log_byte);
+backend_tests!(
+    server_killed_mid_run_loses_no_log_byte,
+    frozen_runner_is_fenced_off_when_it_wakes
+);
 
 /// The text a job's step prints: `lines` numbered lines tagged with the job's name.
 fn expected_output(job: &str, lines: u32) -> String {
@@ -79,6 +84,119 @@ fn count_lines(file: &std::path::Path) -> BTreeMap<String, usize> {
         *counts.entry(line.to_string()).or_insert(0) += 1;
     }
     counts
+}
+
+// ---------------------------------------------------------------------------
+// A runner frozen past its lease
+// ---------------------------------------------------------------------------
+
+const FROZEN: &str = r#"
+jobs:
+  frozen:
+    runs_on: [e2e]
+    steps:
+      - run: |
+          echo "$OUTPOST_JOB_ID" >> "$FILE"
+          for i in $(seq 1 300); do echo "tick $i"; sleep 0.1; done
+"#;
+
+const PING: &str = r#"
+jobs:
+  ping:
+    runs_on: [e2e]
+    steps:
+      - run: echo pong
+"#;
+
+const FROZEN_LEASE_SECS: u64 = 2;
+
+async fn frozen_runner_is_fenced_off_when_it_wakes(backend: Backend) {
+    use nix::sys::signal::Signal;
+    let db = test_db!(backend);
+    let server = TestServer::start(
+        &db,
+        &[("OUTPOST__QUEUE__LEASE_SECS", &FROZEN_LEASE_SECS.to_string())],
+    )
+    .await;
+    let client = server.client();
+    let scratch = scratch_dir();
+    let file = scratch.path().join("executions.txt");
+    let file_str = file.display().to_string();
+    let runner = TestRunner::start(&server, "sleeper", &["e2e"], &[]).await;
+    let run = apply_and_trigger(&client, "frozen", FROZEN, &[("FILE", &file_str)]).await;
+    let job_id = outpost_tests::job(&run, "frozen").id;
+    eventually("the step to print", Duration::from_secs(60), || async {
+        let log = job_log(&client, job_id).await;
+        if String::from_utf8_lossy(&log).contains("tick 3\n") {
+            Ok(())
+        } else {
+            Err(format!("{} bytes", log.len()))
+        }
+    })
+    .await;
+
+    runner.signal(Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    let lost = outpost_tests::wait_for_job_status(
+        &client,
+        job_id,
+        JobStatus::Lost,
+        Duration::from_secs(30),
+    )
+    .await;
+    let lost_after = frozen_at.elapsed();
+    runner.signal(Signal::SIGCONT);
+    let thawed = Instant::now();
+    // Its next heartbeat, log append or step report answers 409 and it gives the job up.
+    let gave_up_after = eventually(
+        "the thawed runner to give the job up",
+        Duration::from_secs(30),
+        || async {
+            if runner
+                .output()
+                .contains("the job was given up because its lease was lost")
+            {
+                Ok(thawed.elapsed())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    // It is healthy afterwards: it takes the next job and runs it.
+    let ping = apply_and_trigger(&client, "ping", PING, &[]).await;
+    let ping = wait_for_run(&client, ping.id, Duration::from_secs(60)).await;
+    assert_eq!(ping.status, RunStatus::Succeeded, "{}", describe_run(&ping));
+
+    let after = client.get_job(job_id).await.expect("GET job");
+    let executions = count_lines(&file);
+    println!(
+        "fault=runner-frozen-past-lease backend={backend:?} lease={FROZEN_LEASE_SECS}s \
+         lost_after_freeze={lost_after:?} gave_up_after_thaw={gave_up_after:?} \
+         log_bytes_at_lost={} log_bytes_after={} attempt={} executions={}",
+        lost.log_size,
+        after.log_size,
+        after.attempt,
+        executions.get(&job_id.to_string()).copied().unwrap_or(0),
+    );
+    assert!(
+        lost_after < Duration::from_secs(3 * FROZEN_LEASE_SECS + 2),
+        "lost within the lease (and the reaper's interval): {lost_after:?}"
+    );
+    assert_eq!(after.status, JobStatus::Lost, "{after:#?}");
+    assert_eq!(after.attempt, 1, "never handed out again: {after:#?}");
+    assert_eq!(
+        after.log_size, lost.log_size,
+        "the thawed runner's late log appends were refused"
+    );
+    assert_eq!(after.finished_at, lost.finished_at);
+    assert_eq!(after.steps, lost.steps, "its late step report was refused");
+    assert_eq!(
+        executions.get(&job_id.to_string()),
+        Some(&1),
+        "executed once: {executions:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
