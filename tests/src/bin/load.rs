@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo build -p outpost-server --bin outpost-server
-//! cargo run -p outpost-tests --bin load -- --viewers 1000 --runners 100 --secs 60 [--backend sqlite|postgres]
+//! cargo run -p outpost-tests --bin load -- --viewers 1000 --runners 100 --secs 60 \
+//!     [--backend sqlite|postgres] [--line-ms 100] [--max-rss-mib 512] [--db-connections N]
 //! ```
 //!
 //! Each simulated runner speaks the real runner protocol: it claims one job, heartbeats, and
@@ -43,6 +44,8 @@ struct Options {
     line_ms: u64,
     backend: Backend,
     max_rss_mib: u64,
+    /// The server's database pool size (`OUTPOST__DATABASE__MAX_CONNECTIONS`), if not its default.
+    db_connections: Option<u32>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -53,6 +56,7 @@ fn options() -> anyhow::Result<Options> {
         line_ms: 100,
         backend: Backend::Postgres,
         max_rss_mib: 512,
+        db_connections: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -65,6 +69,9 @@ fn options() -> anyhow::Result<Options> {
             "--secs" => o.secs = value.parse().context("--secs")?,
             "--line-ms" => o.line_ms = value.parse().context("--line-ms")?,
             "--max-rss-mib" => o.max_rss_mib = value.parse().context("--max-rss-mib")?,
+            "--db-connections" => {
+                o.db_connections = Some(value.parse().context("--db-connections")?)
+            }
             "--backend" => {
                 o.backend = match value.as_str() {
                     "sqlite" => Backend::Sqlite,
@@ -84,6 +91,17 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat` (clock ticks of 1/100 s,
+/// the Linux default).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis are fixed.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 #[derive(Default)]
@@ -116,7 +134,12 @@ async fn main() -> anyhow::Result<()> {
     let db = TestDb::new(o.backend)
         .await
         .context("PostgreSQL is not reachable")?;
-    let server = TestServer::start(&db, &[]).await;
+    let pool = o.db_connections.map(|n| n.to_string());
+    let mut env = Vec::new();
+    if let Some(n) = &pool {
+        env.push(("OUTPOST__DATABASE__MAX_CONNECTIONS", n.as_str()));
+    }
+    let server = TestServer::start(&db, &env).await;
     let pid = server.pid().context("the server runs")?;
     let admin = server.client();
     admin
@@ -172,6 +195,8 @@ async fn main() -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
+    let server_cpu_start = cpu_secs(pid).unwrap_or(0.0);
+    let own_cpu_start = cpu_secs(std::process::id()).unwrap_or(0.0);
 
     // Viewers first, so that they are all attached while the logs grow.
     let mut viewers = Vec::with_capacity(o.viewers);
@@ -249,14 +274,16 @@ async fn main() -> anyhow::Result<()> {
         samples.push(rss);
     }
     let elapsed = started.elapsed();
+    let server_cpu = cpu_secs(pid).unwrap_or(0.0) - server_cpu_start;
+    let own_cpu = cpu_secs(std::process::id()).unwrap_or(0.0) - own_cpu_start;
     let max_rss = samples.iter().copied().max().unwrap_or(0);
     let errors = counters.errors.load(Ordering::Relaxed);
     let appends = counters.appends.load(Ordering::Relaxed);
     println!(
         "load: figures backend={:?} viewers={} runners={} duration={elapsed:?} appends={appends} \
          appends_per_s={:.0} appended_bytes={} viewed_bytes={} viewers_complete={} \
-         viewers_short={short_viewers} errors={errors} rss_idle_mib={:.1} rss_max_mib={:.1} \
-         rss_end_mib={:.1}",
+         viewers_short={short_viewers} errors={errors} db_connections={:?} rss_idle_mib={:.1} rss_max_mib={:.1} \
+         rss_end_mib={:.1} server_cpu_s={server_cpu:.1} load_tool_cpu_s={own_cpu:.1}",
         o.backend,
         o.viewers,
         o.runners,
@@ -264,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
         counters.appended_bytes.load(Ordering::Relaxed),
         counters.viewed_bytes.load(Ordering::Relaxed),
         counters.viewers_done.load(Ordering::Relaxed),
+        o.db_connections,
         idle_rss as f64 / 1024.0,
         max_rss as f64 / 1024.0,
         samples.last().copied().unwrap_or(0) as f64 / 1024.0,
