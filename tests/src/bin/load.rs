@@ -167,7 +167,10 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
             .context("register a simulated runner")?;
-        let client = server.client_with(Some(answer.runner_token));
+        // Its own HTTP client, as a separate runner process would have: the viewers' thousand
+        // streams do not share a connection pool with it.
+        let client = Client::new(server.url(), Some(answer.runner_token))
+            .context("a runner's HTTP client")?;
         let acquired = client
             .acquire(Duration::from_secs(10))
             .await
