@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod entra;
+pub mod fault;
 pub mod git;
 pub mod identity;
 pub mod kube;
@@ -274,6 +275,17 @@ impl TestDb {
             _dir: None,
             pg_drop: Some((admin_url, name)),
         })
+    }
+
+    /// A database the test made itself (e.g. on a [`fault::PrivatePostgres`] instance, which
+    /// goes away with the instance), at `url`.
+    pub fn existing(backend: Backend, url: &str) -> TestDb {
+        TestDb {
+            backend,
+            url: url.to_string(),
+            _dir: None,
+            pg_drop: None,
+        }
     }
 
     /// The backend.
@@ -723,7 +735,7 @@ impl TestRunner {
         extra_env: &[(&str, &str)],
         run_args: &[&str],
     ) -> TestRunner {
-        Self::start_with_settings(server, name, labels, extra_env, run_args, None).await
+        Self::start_full(server, name, labels, extra_env, run_args, None, &[]).await
     }
 
     /// Like [`TestRunner::start_with_args`], writing `runner_toml` as the runner's `runner.toml`
@@ -735,6 +747,31 @@ impl TestRunner {
         extra_env: &[(&str, &str)],
         run_args: &[&str],
         runner_toml: Option<&str>,
+    ) -> TestRunner {
+        Self::start_full(server, name, labels, extra_env, run_args, runner_toml, &[]).await
+    }
+
+    /// Like [`TestRunner::start_with_args`], with `outpost-runner run` started through `wrapper`
+    /// (e.g. `["ip", "netns", "exec", NAME]` to run it inside a network namespace).
+    pub async fn start_wrapped(
+        server: &TestServer,
+        name: &str,
+        labels: &[&str],
+        extra_env: &[(&str, &str)],
+        run_args: &[&str],
+        wrapper: &[&str],
+    ) -> TestRunner {
+        Self::start_full(server, name, labels, extra_env, run_args, None, wrapper).await
+    }
+
+    async fn start_full(
+        server: &TestServer,
+        name: &str,
+        labels: &[&str],
+        extra_env: &[(&str, &str)],
+        run_args: &[&str],
+        runner_toml: Option<&str>,
+        wrapper: &[&str],
     ) -> TestRunner {
         let config_dir = tempfile::Builder::new()
             .prefix("outpost-e2e-runner-config-")
@@ -772,6 +809,19 @@ impl TestRunner {
         run_cli(register, &format!("outpost-runner register --name {name}")).await;
 
         let mut run = runner.command(extra_env);
+        if let Some((program, args)) = wrapper.split_first() {
+            let binary = run.as_std().get_program().to_owned();
+            let mut wrapped = Command::new(program);
+            wrapped.args(args).arg(binary);
+            for (key, value) in run.as_std().get_envs() {
+                match value {
+                    Some(value) => wrapped.env(key, value),
+                    None => wrapped.env_remove(key),
+                };
+            }
+            wrapped.stdin(Stdio::null()).kill_on_drop(true);
+            run = wrapped;
+        }
         run.arg("run")
             .arg("--config-dir")
             .arg(runner.config_dir.path())

@@ -98,12 +98,21 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Ready when the database answers.
+/// How long the readiness check waits for the database. Without a bound, a database that is down
+/// makes `/readyz` hang for the pool's acquire timeout (30 s) instead of answering not-ready, and a
+/// probe with a shorter timeout learns nothing but a timeout.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready when the database answers within [`READY_TIMEOUT`].
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(e) => {
+    match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?READY_TIMEOUT, "readiness check timed out");
             (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
         }
     }
