@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 /// The error body every non-2xx JSON answer carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What went wrong.
     pub error: ErrorDetail,
@@ -18,6 +19,7 @@ pub struct ErrorBody {
 
 /// A machine-readable code and a sentence for people.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Stable, snake_case, e.g. `not_found`, `lease_lost`, `invalid_pipeline`.
     pub code: String,
@@ -35,6 +37,7 @@ pub struct ErrorDetail {
 ///
 /// `pending` is a job whose `needs` have not all succeeded yet; runners never see it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Waiting for the jobs it needs.
@@ -100,6 +103,7 @@ impl JobStatus {
 
 /// Status of a run: queued, running, then the worst of its jobs' final statuses.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// No job has started yet.
@@ -149,6 +153,7 @@ impl RunStatus {
 
 /// Status of one step, as the runner reports it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     /// Not started.
@@ -198,6 +203,7 @@ impl StepStatus {
 
 /// When a step runs, given how the job has gone so far.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum When {
     /// Only while every earlier step succeeded (the default).
@@ -211,6 +217,7 @@ pub enum When {
 
 /// What a step does.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StepAction {
     /// A script run by a shell (`bash -eo pipefail {0}` unless the step names another).
@@ -260,6 +267,7 @@ impl StepAction {
 
 /// One step of a job, resolved from the pipeline YAML.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepSpec {
     /// Zero-based position in the job.
     pub index: u32,
@@ -278,6 +286,7 @@ pub struct StepSpec {
 
 /// How a run was started.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerKind {
     /// From the web UI.
@@ -316,6 +325,7 @@ impl TriggerKind {
 
 /// What started a run, and the source coordinates its jobs work on.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TriggerInfo {
     /// How the run was started.
     pub kind: TriggerKind,
@@ -357,6 +367,7 @@ pub struct TriggerInfo {
 
 /// `POST /api/v1/runner/register` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     /// A name people recognise, e.g. the host name.
     pub name: String,
@@ -376,6 +387,7 @@ pub struct RegisterRequest {
 
 /// `POST /api/v1/runner/register` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     /// The runner's id.
     pub runner_id: Uuid,
@@ -385,6 +397,7 @@ pub struct RegisterResponse {
 
 /// `POST /api/v1/runner/acquire` body (`{}` is valid).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AcquireRequest {
     /// How long the server may hold the request, in seconds (capped by the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -393,6 +406,7 @@ pub struct AcquireRequest {
 
 /// A lease on one job: the token is the credential for that job's calls.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lease {
     /// Fresh random token for this claim.
     pub token: String,
@@ -404,6 +418,7 @@ pub struct Lease {
 
 /// Everything a runner needs to run one job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AssignedJob {
     /// The job's id.
     pub id: Uuid,
@@ -436,6 +451,7 @@ pub struct AssignedJob {
 
 /// `POST /api/v1/runner/acquire` answer when a job was claimed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AcquireResponse {
     /// The job.
     pub job: AssignedJob,
@@ -445,6 +461,7 @@ pub struct AcquireResponse {
 
 /// `POST /api/v1/runner/jobs/{id}/heartbeat` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// The renewed expiry.
     pub expires_at: DateTime<Utc>,
@@ -454,6 +471,7 @@ pub struct HeartbeatResponse {
 
 /// `PUT /api/v1/runner/jobs/{id}/log?offset=N` answer.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogAppendResponse {
     /// The offset up to which the log is now stored.
     pub next_offset: u64,
@@ -461,6 +479,7 @@ pub struct LogAppendResponse {
 
 /// `POST /api/v1/runner/jobs/{id}/steps/{index}` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepUpdate {
     /// The new status.
     pub status: StepStatus,
@@ -473,6 +492,7 @@ pub struct StepUpdate {
 
 /// `POST /api/v1/runner/jobs/{id}/complete` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompleteRequest {
     /// `succeeded`, `failed`, `cancelled` or `timed_out`.
     pub status: JobStatus,
@@ -487,6 +507,7 @@ pub struct CompleteRequest {
 
 /// A pipeline as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Pipeline {
     /// Unique name.
     pub name: String,
@@ -505,6 +526,7 @@ pub struct Pipeline {
 
 /// `GET /api/v1/pipelines` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PipelineList {
     /// Pipelines by name.
     pub pipelines: Vec<Pipeline>,
@@ -512,6 +534,7 @@ pub struct PipelineList {
 
 /// `POST /api/v1/pipelines/{name}/runs` body; every field is optional.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TriggerRunRequest {
     /// Variables that override the pipeline's.
@@ -533,6 +556,7 @@ pub struct TriggerRunRequest {
 
 /// A run and, where asked for, its jobs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Run {
     /// UUID v7.
     pub id: Uuid,
@@ -560,6 +584,7 @@ pub struct Run {
 
 /// `GET /api/v1/runs` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunList {
     /// Newest first.
     pub runs: Vec<Run>,
@@ -570,6 +595,7 @@ pub struct RunList {
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job {
     /// UUID v7.
     pub id: Uuid,
@@ -614,6 +640,7 @@ pub struct Job {
 
 /// A step as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Step {
     /// Zero-based position.
     pub index: u32,
@@ -637,6 +664,7 @@ pub struct Step {
 
 /// State of a runner.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunnerState {
     /// Seen recently, holding no job.
@@ -651,6 +679,7 @@ pub enum RunnerState {
 
 /// A runner as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Runner {
     /// Its id.
     pub id: Uuid,
@@ -678,6 +707,7 @@ pub struct Runner {
 
 /// `GET /api/v1/runners` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerList {
     /// Runners by name.
     pub runners: Vec<Runner>,

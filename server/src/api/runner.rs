@@ -7,8 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use outpost_protocol::{
-    AcquireRequest, AcquireResponse, CompleteRequest, HeartbeatResponse, LogAppendResponse,
-    RegisterRequest, RegisterResponse, RunnerList, StepUpdate,
+    AcquireRequest, AcquireResponse, CompleteRequest, ErrorBody, HeartbeatResponse,
+    LogAppendResponse, RegisterRequest, RegisterResponse, RunnerList, StepUpdate,
 };
 use serde::Deserialize;
 
@@ -18,6 +18,19 @@ use crate::queue;
 use crate::store::Scope;
 
 /// `GET /runners`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runners",
+    tag = "runners",
+    operation_id = "list_runners",
+    summary = "Registered runners (read)",
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The runners", body = RunnerList),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+    )
+)]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<RunnerList>> {
     caller.require(Scope::Read)?;
     Ok(Json(RunnerList {
@@ -26,6 +39,21 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 }
 
 /// `POST /runner/register` with a registration token.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/register",
+    tag = "runners",
+    operation_id = "register_runner",
+    summary = "Register a runner with a registration token",
+    request_body(content = RegisterRequest),
+    security(("registration_token" = [])),
+    responses(
+        (status = 201, description = "The runner's id and token", body = RegisterResponse),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, err(Debug))]
 pub async fn register(
     State(state): State<AppState>,
@@ -59,6 +87,22 @@ pub async fn register(
 }
 
 /// `POST /runner/acquire`: holds the request until a matching job is queued or the wait ends.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/acquire",
+    tag = "runners",
+    operation_id = "acquire_job",
+    summary = "Long poll for a job",
+    request_body(content = AcquireRequest, description = "Optional; `{}` is valid"),
+    security(("runner_token" = [])),
+    responses(
+        (status = 200, description = "A job and its lease", body = AcquireResponse),
+        (status = 204, description = "No job within the wait"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(runner.id = %runner.0.id), err(Debug))]
 pub async fn acquire(
     State(state): State<AppState>,
@@ -82,6 +126,21 @@ pub async fn acquire(
 }
 
 /// `POST /runner/jobs/{id}/heartbeat`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/jobs/{id}/heartbeat",
+    tag = "runners",
+    operation_id = "heartbeat",
+    summary = "Renew the lease",
+    params(("id" = String, Path, description = "The job's id (UUID)")),
+    security(("lease_token" = [])),
+    responses(
+        (status = 200, description = "The new expiry and whether cancellation was asked for", body = HeartbeatResponse),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+    )
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -102,6 +161,25 @@ struct OffsetQuery {
 }
 
 /// `PUT /runner/jobs/{id}/log?offset=N`: raw bytes; idempotent; `416` on a gap.
+#[utoipa::path(
+    put,
+    path = "/api/v1/runner/jobs/{id}/log",
+    tag = "runners",
+    operation_id = "append_log",
+    summary = "Append log bytes at an offset; idempotent",
+    params(("id" = String, Path, description = "The job's id (UUID)"), ("offset" = u64, Query, description = "The byte offset of the body's first byte")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "Raw log bytes"),
+    security(("lease_token" = [])),
+    responses(
+        (status = 200, description = "Where the next append starts", body = LogAppendResponse),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+        (status = 416, description = "A gap: resend from `next_offset`", body = ErrorBody),
+    )
+)]
 pub async fn append_log(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -120,6 +198,24 @@ pub async fn append_log(
 }
 
 /// `POST /runner/jobs/{id}/steps/{index}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/jobs/{id}/steps/{index}",
+    tag = "runners",
+    operation_id = "update_step",
+    summary = "Report a step's status",
+    params(("id" = String, Path, description = "The job's id (UUID)"), ("index" = u32, Path, description = "The step's zero-based index")),
+    request_body(content = StepUpdate),
+    security(("lease_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 pub async fn update_step(
     State(state): State<AppState>,
     Path((id, index)): Path<(String, String)>,
@@ -139,6 +235,24 @@ pub async fn update_step(
 }
 
 /// `POST /runner/jobs/{id}/complete`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/jobs/{id}/complete",
+    tag = "runners",
+    operation_id = "complete_job",
+    summary = "Finish the job",
+    params(("id" = String, Path, description = "The job's id (UUID)")),
+    request_body(content = CompleteRequest),
+    security(("lease_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job.id = %id), err(Debug))]
 pub async fn complete(
     State(state): State<AppState>,
