@@ -28,6 +28,23 @@ use outpost_protocol::ErrorBody;
 /// Chunks read from the database per page.
 const PAGE_CHUNKS: u32 = 8;
 
+/// One event of the log stream, as the OpenAPI document describes it (the handler builds them
+/// with axum's `Event`; this type exists only for the schema).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct LogStreamEvent {
+    /// `log`, `end` or `error`.
+    #[schema(pattern = "^(log|end|error)$")]
+    event: String,
+    /// JSON: `{"offset", "text"}` for `log`, `{"status", "exit_code", "log_size"}` for `end`,
+    /// `{"message"}` for `error`.
+    data: String,
+    /// The byte offset after this event, to send back as `Last-Event-ID`.
+    id: Option<String>,
+    /// A reconnection delay in milliseconds, if the server sets one.
+    retry: Option<u64>,
+}
+
 /// Parses `bytes=N-` (the only form a log reader needs); other forms are ignored.
 fn range_start(headers: &HeaderMap) -> Option<u64> {
     let v = headers.get(header::RANGE)?.to_str().ok()?;
@@ -259,7 +276,7 @@ impl StreamState {
     params(("id" = String, Path, description = "The job's id (UUID)"), ("Last-Event-ID" = Option<String>, Header, description = "A byte offset to resume from"), ("offset" = Option<u64>, Query, description = "A byte offset to resume from")),
     security(("api_token" = [])),
     responses(
-        (status = 200, description = "`log` events carry `{offset, text}`; `end` carries the final status", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "`log` events carry `{offset, text}`; `end` carries the final status", body = LogStreamEvent, content_type = "text/event-stream"),
         (status = 400, description = "The request is malformed", body = ErrorBody),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "The token's scope is too small", body = ErrorBody),
