@@ -111,6 +111,8 @@ pub fn route_table() -> Vec<Route> {
 }
 
 /// The whole HTTP surface.
+///
+/// Add a route to [`route_table`], never here: only there does the authorisation matrix see it.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.server.max_body_bytes;
     let hook_max_body = state.settings.webhooks.max_body_bytes;
