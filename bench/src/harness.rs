@@ -437,6 +437,7 @@ impl Server {
                             version: outpost_protocol::VERSION.into(),
                             os: std::env::consts::OS.into(),
                             arch: std::env::consts::ARCH.into(),
+                            clusters: Vec::new(),
                         })
                         .await
                         .with_context(|| format!("registering runner {i}"))?;

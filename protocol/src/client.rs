@@ -161,6 +161,20 @@ impl Client {
         .await
     }
 
+    /// The runner this client's runner token belongs to; claims nothing.
+    pub async fn runner_me(&self) -> Result<RunnerIdentity, ClientError> {
+        Self::json(self.request(Method::GET, "/api/v1/runner/me", None)).await
+    }
+
+    /// How this server lets runners register (`GET /api/v1/runner/registration-info`, no token).
+    pub async fn registration_info(&self) -> Result<RegistrationInfo, ClientError> {
+        let req = self
+            .http
+            .get(format!("{}/api/v1/runner/registration-info", self.base))
+            .timeout(CALL_TIMEOUT);
+        Self::json(req).await
+    }
+
     /// Long-polls for a job for up to `wait` (the server may cap it); `None` when none came.
     pub async fn acquire(&self, wait: Duration) -> Result<Acquired, ClientError> {
         let body = AcquireRequest {

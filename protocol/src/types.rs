@@ -383,6 +383,22 @@ pub struct RegisterRequest {
     /// CPU architecture, e.g. `x86_64`.
     #[serde(default)]
     pub arch: String,
+    /// The clusters the runner has configured (`[clusters.NAME]`); the server gives the runner
+    /// the label `cluster:NAME` for each, which a job naming that cluster requires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
+}
+
+/// `GET /api/v1/runner/me`: the runner a runner token belongs to (what `doctor` checks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunnerIdentity {
+    /// The runner's id.
+    pub runner_id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its labels, including `cluster:NAME` for each cluster it registered with.
+    pub labels: Vec<String>,
 }
 
 /// `POST /api/v1/runner/register` answer.
@@ -393,6 +409,27 @@ pub struct RegisterResponse {
     pub runner_id: Uuid,
     /// The runner's own credential; the server keeps only its hash.
     pub runner_token: String,
+}
+
+/// `GET /api/v1/runner/registration-info` answer (no authentication): how a runner may register.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegistrationInfo {
+    /// Set when the server accepts Entra ID access tokens in place of a registration token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entra: Option<EntraRegistrationInfo>,
+}
+
+/// What a runner needs to ask Entra ID for a token this server accepts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EntraRegistrationInfo {
+    /// The directory (tenant) the token must come from.
+    pub tenant_id: String,
+    /// The audience (`aud`) the token must carry.
+    pub audience: String,
+    /// The scope to request, `<audience>/.default`.
+    pub scope: String,
 }
 
 /// `POST /api/v1/runner/acquire` body (`{}` is valid).

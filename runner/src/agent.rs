@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, error_chain, human};
+use crate::entra::EntraOptions;
 use crate::job::{self, ExecConfig, JobOutcome, LeasedJob};
 use crate::settings::{Credentials, Settings};
 use crate::spool;
@@ -23,6 +24,15 @@ pub struct RunOptions {
     pub once: bool,
 }
 
+/// What registration sends besides name and labels.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterOptions {
+    /// The configured cluster names, which the server turns into `cluster:NAME` labels.
+    pub clusters: Vec<String>,
+    /// Accept a plain `http://` server URL that is not on loopback.
+    pub allow_insecure_http: bool,
+}
+
 /// Registers a runner with `registration_token` and returns its credentials (not yet saved).
 pub async fn register(
     server_url: &str,
@@ -30,8 +40,90 @@ pub async fn register(
     name: &str,
     labels: Vec<String>,
 ) -> anyhow::Result<Credentials> {
+    register_with(
+        server_url,
+        registration_token,
+        name,
+        labels,
+        RegisterOptions::default(),
+    )
+    .await
+}
+
+/// Like [`register`], also advertising the runner's clusters.
+pub async fn register_with(
+    server_url: &str,
+    registration_token: &str,
+    name: &str,
+    labels: Vec<String>,
+    opts: RegisterOptions,
+) -> anyhow::Result<Credentials> {
     let server_url = server_url.trim().trim_end_matches('/').to_string();
-    check_server_url(&server_url)?;
+    check_server_url(&server_url, opts.allow_insecure_http)?;
+    register_with_bearer(
+        server_url,
+        registration_token,
+        "the registration token",
+        "check that it is right and has not expired or been revoked",
+        name,
+        labels,
+        &opts,
+    )
+    .await
+}
+
+/// Registers a runner with an Entra ID access token from this machine's managed identity, for
+/// the audience `entra.audience` names or, when it names none, the one the server announces.
+pub async fn register_with_entra(
+    server_url: &str,
+    entra: &EntraOptions,
+    name: &str,
+    labels: Vec<String>,
+    opts: RegisterOptions,
+) -> anyhow::Result<Credentials> {
+    let server_url = server_url.trim().trim_end_matches('/').to_string();
+    check_server_url(&server_url, opts.allow_insecure_http)?;
+    let scope = match &entra.audience {
+        Some(audience) => crate::entra::scope_for(audience),
+        None => {
+            let client =
+                Client::new(&server_url, None).context("could not set up the HTTP client")?;
+            let info = client.registration_info().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "could not ask {server_url} how to register: {}; check the URL, or pass --audience",
+                    error_chain(&e)
+                )
+            })?;
+            let entra = info.entra.with_context(|| {
+                format!("the server at {server_url} does not accept Entra ID registration (it has no [entra] configuration): register with --token")
+            })?;
+            entra.scope
+        }
+    };
+    let token = crate::entra::managed_identity_token(&scope, entra.client_id.as_deref()).await?;
+    register_with_bearer(
+        server_url,
+        &token,
+        "the Entra ID token",
+        "the server's admin must list this identity's object id in [[entra.principals]], and the server's entra.audience must match the scope asked for",
+        name,
+        labels,
+        &opts,
+    )
+    .await
+}
+
+/// Registers with `bearer` (a registration token or an Entra ID access token); `what` and `hint`
+/// name the credential and its fix in the error a refusal gives.
+async fn register_with_bearer(
+    server_url: String,
+    bearer: &str,
+    what: &str,
+    hint: &str,
+    name: &str,
+    labels: Vec<String>,
+    opts: &RegisterOptions,
+) -> anyhow::Result<Credentials> {
     let name = name.trim();
     anyhow::ensure!(!name.is_empty(), "the runner needs a name: pass --name");
     let mut clean: Vec<String> = Vec::new();
@@ -40,7 +132,7 @@ pub async fn register(
             clean.push(label.to_string());
         }
     }
-    let client = Client::new(&server_url, Some(registration_token.to_string()))
+    let client = Client::new(&server_url, Some(bearer.to_string()))
         .context("could not set up the HTTP client")?;
     let req = RegisterRequest {
         name: name.to_string(),
@@ -48,10 +140,11 @@ pub async fn register(
         version: outpost_protocol::VERSION.to_string(),
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
+        clusters: opts.clusters.clone(),
     };
     let resp = client.register(&req).await.map_err(|e| match e.status() {
         Some(s) if s.as_u16() == 401 || s.as_u16() == 403 => anyhow::anyhow!(
-            "the server at {server_url} refused the registration token ({}): check that it is right and has not expired or been revoked",
+            "the server at {server_url} refused {what} ({}): {hint}",
             error_chain(&e)
         ),
         Some(_) => anyhow::anyhow!(
@@ -63,6 +156,14 @@ pub async fn register(
             error_chain(&e)
         ),
     })?;
+    // The server gives the runner a `cluster:NAME` label per cluster; keep what it now has, so
+    // `run` can tell when runner.toml names clusters the server does not know of.
+    for cluster in &opts.clusters {
+        let label = crate::clusters::label(cluster);
+        if !clean.contains(&label) {
+            clean.push(label);
+        }
+    }
     Ok(Credentials {
         server_url,
         runner_id: resp.runner_id,
@@ -72,21 +173,32 @@ pub async fn register(
     })
 }
 
-fn check_server_url(url: &str) -> anyhow::Result<()> {
+/// Refuses a server URL that would send the runner's tokens unencrypted across a network: plain
+/// `http://` is accepted on loopback, elsewhere only with `allow_insecure_http`.
+pub fn check_server_url(url: &str, allow_insecure_http: bool) -> anyhow::Result<()> {
     let Some((scheme, rest)) = url.split_once("://") else {
         anyhow::bail!("the server URL `{url}` needs a scheme, e.g. https://outpost.example.com");
     };
     match scheme {
         "https" => Ok(()),
         "http" => {
-            let host = rest.split(['/', ':']).next().unwrap_or_default();
-            let host_with_brackets = rest.split('/').next().unwrap_or_default();
-            let loopback = host == "localhost"
-                || host.starts_with("127.")
-                || host_with_brackets.starts_with("[::1]");
+            let _ = rest;
+            // A parsed host, so that `127.evil.example` is not taken for loopback.
+            let parsed = reqwest::Url::parse(url)
+                .with_context(|| format!("the server URL `{url}` is not a valid URL"))?;
+            let host = parsed.host_str().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
             if !loopback {
+                anyhow::ensure!(
+                    allow_insecure_http,
+                    "the server URL {url} is plain HTTP: the runner's tokens would cross the network unencrypted; use https, or if this network is trusted set `allow_insecure_http = true` in runner.toml (or OUTPOST_RUNNER__ALLOW_INSECURE_HTTP=true)"
+                );
                 tracing::warn!(
-                    "{url} is plain HTTP: the runner's tokens cross the network unencrypted; use https outside development"
+                    "{url} is plain HTTP (allowed by allow_insecure_http): the runner's tokens cross the network unencrypted"
                 );
             }
             Ok(())
@@ -94,6 +206,27 @@ fn check_server_url(url: &str) -> anyhow::Result<()> {
         other => anyhow::bail!(
             "the server URL `{url}` has scheme `{other}`: use https (or http on loopback)"
         ),
+    }
+}
+
+/// Jobs are routed by the `cluster:NAME` labels the runner registered with; a cluster added to
+/// runner.toml later gets no jobs until the runner registers again, which deserves a warning.
+fn warn_about_unregistered_clusters(creds: &Credentials, settings: &Settings) {
+    for name in settings.clusters.keys() {
+        if !creds.labels.contains(&crate::clusters::label(name)) {
+            tracing::warn!(
+                "cluster `{name}` is in runner.toml but this runner did not register with it, so the server sends it no jobs for that cluster: run `outpost-runner register` again"
+            );
+        }
+    }
+    for label in &creds.labels {
+        if let Some(name) = label.strip_prefix("cluster:")
+            && !settings.clusters.contains_key(name)
+        {
+            tracing::warn!(
+                "this runner registered with cluster `{name}`, which runner.toml no longer has: its jobs will fail here; add it back or register again"
+            );
+        }
     }
 }
 
@@ -134,6 +267,8 @@ async fn run_loop(
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) -> anyhow::Result<()> {
+    check_server_url(&creds.server_url, settings.allow_insecure_http)?;
+    warn_about_unregistered_clusters(&creds, &settings);
     let client = Client::new(&creds.server_url, Some(creds.runner_token.clone()))
         .context("could not set up the HTTP client")?;
     let exec = Arc::new(ExecConfig::from_settings(&settings, &creds.name));
@@ -326,11 +461,17 @@ mod tests {
 
     #[test]
     fn server_urls_need_a_scheme() {
-        assert!(check_server_url("https://outpost.example.com").is_ok());
-        assert!(check_server_url("http://127.0.0.1:8080").is_ok());
-        assert!(check_server_url("http://[::1]:8080").is_ok());
-        assert!(check_server_url("outpost.example.com").is_err());
-        assert!(check_server_url("ftp://x").is_err());
+        assert!(check_server_url("https://outpost.example.com", false).is_ok());
+        assert!(check_server_url("http://127.0.0.1:8080", false).is_ok());
+        assert!(check_server_url("http://[::1]:8080", false).is_ok());
+        assert!(check_server_url("outpost.example.com", false).is_err());
+        assert!(check_server_url("ftp://x", false).is_err());
+        let err = check_server_url("http://outpost.internal:8080", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_insecure_http = true"), "{err}");
+        assert!(check_server_url("http://outpost.internal:8080", true).is_ok());
+        assert!(check_server_url("http://127.evil.example/", false).is_err());
     }
 
     #[tokio::test]

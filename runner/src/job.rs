@@ -134,6 +134,8 @@ pub struct ExecConfig {
     pub flush_budget: Duration,
     /// Log batching.
     pub log: LogConfig,
+    /// The clusters jobs may name, for their kubeconfig.
+    pub clusters: crate::clusters::JobClusters,
 }
 
 impl ExecConfig {
@@ -154,6 +156,14 @@ impl ExecConfig {
                 spool_dir: Some(settings.log_spool_dir()),
                 spool_max_bytes: settings.log_spool_max_bytes,
                 ..LogConfig::default()
+            },
+            clusters: crate::clusters::JobClusters {
+                clusters: settings.resolved_clusters().unwrap_or_else(|e| {
+                    tracing::warn!("the clusters in the runner settings are not valid: {e:#}");
+                    Default::default()
+                }),
+                config_dir: settings.config_dir.clone(),
+                exe: std::env::current_exe().unwrap_or_else(|_| "outpost-runner".into()),
             },
         }
     }
@@ -729,6 +739,13 @@ impl JobRun<'_> {
             ));
             verdict.note(Trouble::Failed(None));
             phase = Phase::Stopped;
+        } else if let Err(e) = self.prepare_cluster().await {
+            self.log.line(&format!(
+                "✘ could not set up the job's cluster: {}",
+                error_chain(&*e)
+            ));
+            verdict.note(Trouble::Failed(None));
+            phase = Phase::Stopped;
         }
 
         for (i, step) in job.steps.iter().enumerate() {
@@ -853,11 +870,6 @@ impl JobRun<'_> {
         );
         self.log
             .line(&format!("Workspace: {}", self.workspace.display()));
-        if let Some(cluster) = &job.cluster {
-            self.log.line(&format!(
-                "⚠ the job names cluster `{cluster}`, but this runner has no cluster configuration yet: steps use the runner's own KUBECONFIG"
-            ));
-        }
 
         let builtins = builtin_vars(job, &self.workspace);
         let mut env = Vec::new();
@@ -876,6 +888,31 @@ impl JobRun<'_> {
             env.push((name, value));
         }
         self.env = env;
+        Ok(())
+    }
+
+    /// Writes the kubeconfig of the job's cluster, if it names one, beside the workspace and
+    /// points every step's `KUBECONFIG` at it.
+    async fn prepare_cluster(&mut self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let Some(name) = &self.job.cluster else {
+            return Ok(());
+        };
+        let dir = self
+            .scripts
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .context("the job's private directory is missing")?;
+        let path = crate::clusters::write_job_kubeconfig(
+            &self.config.clusters,
+            name,
+            &dir,
+            &self.config.kubectl,
+        )
+        .await?;
+        self.log.line(&format!("Cluster: {name}"));
+        self.env
+            .push(("KUBECONFIG".into(), path.to_string_lossy().into_owned()));
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //!
 //! Code map:
 //! - [`agent`]: the acquire loop, draining, registration;
+//! - [`entra`]: Entra ID tokens from the machine's managed identity, for `register --entra`;
 //! - [`job`]: one job from first heartbeat to `complete`, behind the [`job::JobApi`] seam;
 //! - `checkout`: the `checkout` step's git commands, with a private repository's token passed to
 //!   git through its environment only;
@@ -14,7 +15,10 @@
 //! - [`mask`]: secret masking of a stream that arrives in pieces;
 //! - [`spool`]: the bounded on-disk ring of log bytes the server has not acknowledged;
 //! - [`expand`]: `${NAME}` in `kubectl`/`helm` arguments and the `{0}` shell line;
-//! - [`settings`]: `credentials.json` and `runner.toml`.
+//! - [`settings`]: `credentials.json` and `runner.toml`;
+//! - [`clusters`]: `[clusters.NAME]` and the per-job kubeconfig;
+//! - [`kube_token`]: the `kube-token` exec credential plugin and its token cache;
+//! - [`doctor`]: `outpost-runner doctor`, step-by-step checks of the server and each cluster.
 //!
 //! Invariants: every server call goes through `outpost_protocol::Client`; the runner never
 //! listens on a port; no step runs before its job's first heartbeat succeeded; a lost lease stops
@@ -25,8 +29,12 @@
 pub mod agent;
 pub mod backoff;
 mod checkout;
+pub mod clusters;
+pub mod doctor;
+pub mod entra;
 pub mod expand;
 pub mod job;
+pub mod kube_token;
 pub mod logs;
 pub mod mask;
 pub mod process;
@@ -35,7 +43,9 @@ pub mod spool;
 
 use std::path::PathBuf;
 
-pub use agent::{RunOptions, register, run, run_with_abort};
+pub use agent::{
+    RegisterOptions, RunOptions, register, register_with, register_with_entra, run, run_with_abort,
+};
 pub use settings::{Credentials, Settings};
 
 /// The config dir when none is given: `$OUTPOST_RUNNER_CONFIG_DIR`, else

@@ -28,6 +28,34 @@ enum Command {
     /// Pull jobs from the server and run them until stopped (SIGTERM or Ctrl-C drains; a second
     /// signal cancels the running jobs).
     Run(RunArgs),
+    /// Print a Kubernetes exec credential with an Entra ID token for a cluster (the per-job
+    /// kubeconfig runs this; tokens are cached until shortly before they expire).
+    KubeToken(KubeTokenArgs),
+    /// Check, step by step, that this runner can reach its server and each of its clusters, and
+    /// say what to fix when it cannot.
+    Doctor(DoctorArgs),
+}
+
+/// Arguments of `kube-token`.
+#[derive(Debug, Args)]
+struct KubeTokenArgs {
+    /// The cluster, as named by `[clusters.NAME]` in runner.toml.
+    #[arg(long, value_name = "NAME")]
+    cluster: String,
+    /// Where runner.toml is.
+    #[command(flatten)]
+    config: ConfigDir,
+}
+
+/// Arguments of `doctor`.
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    /// Where the credentials and runner.toml are.
+    #[command(flatten)]
+    config: ConfigDir,
+    /// Check only this cluster (and the server).
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
 }
 
 /// Where the runner keeps its credentials and settings.
@@ -54,14 +82,32 @@ struct RegisterArgs {
     /// The server's base URL, e.g. https://outpost.example.com.
     #[arg(long, value_name = "URL", env = "OUTPOST_SERVER")]
     server: String,
-    /// A registration token from the server's admin.
+    /// A registration token from the server's admin (or use --entra, which ignores it).
     #[arg(
         long,
         value_name = "REGTOKEN",
         env = "OUTPOST_REGISTRATION_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        required_unless_present = "entra"
     )]
-    token: String,
+    token: Option<String>,
+    /// Register with an Entra ID token from this machine's managed identity instead of a
+    /// registration token (the server must list the identity's object id in [[entra.principals]]).
+    #[arg(long)]
+    entra: bool,
+    /// With --entra: the client id of a user-assigned managed identity [default: the
+    /// system-assigned identity].
+    #[arg(long, value_name = "ID", requires = "entra")]
+    client_id: Option<String>,
+    /// With --entra: the audience to ask a token for (`<AUDIENCE>/.default`), or a whole scope
+    /// [default: the audience the server announces at /api/v1/runner/registration-info].
+    #[arg(
+        long,
+        visible_alias = "scope",
+        value_name = "AUDIENCE",
+        requires = "entra"
+    )]
+    audience: Option<String>,
     /// A name people recognise [default: this machine's host name].
     #[arg(long)]
     name: Option<String>,
@@ -94,7 +140,13 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The Azure SDK logs every failed attempt at info; its final error says enough,
+                // and `kube-token`'s stderr is shown to whoever runs kubectl.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "info,typespec_client_core=warn,azure_core=warn,azure_identity=warn",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -102,6 +154,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Register(args) => register(args).await,
         Command::Run(args) => run(args).await,
+        Command::KubeToken(args) => kube_token(args).await,
+        Command::Doctor(args) => doctor(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,7 +184,30 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let creds = outpost_runner::register(&args.server, &args.token, &name, args.labels).await?;
+    // The clusters in runner.toml are advertised, so jobs naming them are routed here.
+    let settings = Settings::load(&dir)?;
+    let opts = outpost_runner::RegisterOptions {
+        clusters: settings.clusters.keys().cloned().collect(),
+        allow_insecure_http: settings.allow_insecure_http,
+    };
+    let creds = match &args.token {
+        Some(token) if !args.entra => {
+            outpost_runner::register_with(&args.server, token, &name, args.labels, opts).await?
+        }
+        _ => {
+            if args.token.is_some() {
+                tracing::warn!(
+                    "--entra: ignoring the registration token (--token or OUTPOST_REGISTRATION_TOKEN)"
+                );
+            }
+            let entra = outpost_runner::entra::EntraOptions {
+                client_id: args.client_id.clone(),
+                audience: args.audience.clone(),
+            };
+            outpost_runner::register_with_entra(&args.server, &entra, &name, args.labels, opts)
+                .await?
+        }
+    };
     creds.save(&dir)?;
     eprintln!(
         "registered runner {} ({}) with {}; credentials saved in {}",
@@ -188,4 +265,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         abort,
     )
     .await
+}
+
+async fn kube_token(args: KubeTokenArgs) -> anyhow::Result<()> {
+    let dir = args.config.resolve()?;
+    let cluster = outpost_runner::kube_token::entra_cluster(&dir, &args.cluster)?;
+    let token = outpost_runner::kube_token::token(&dir, &args.cluster, &cluster).await?;
+    let json = outpost_runner::kube_token::exec_credential(&token);
+    println!("{json}");
+    Ok(())
+}
+
+async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let dir = args.config.resolve()?;
+    let failures = outpost_runner::doctor::run(&dir, args.cluster.as_deref()).await?;
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} check{} failed",
+        if failures == 1 { "" } else { "s" }
+    );
+    Ok(())
 }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use crate::clusters::{Cluster, ClusterSettings};
+
 /// File name of the credentials in the config dir.
 pub const CREDENTIALS_FILE: &str = "credentials.json";
 /// File name of the settings in the config dir.
@@ -150,6 +152,17 @@ pub struct Settings {
     /// Default: `<work_dir>/.spool`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_spool_dir: Option<PathBuf>,
+    /// Allow a plain `http://` server URL that is not on loopback (the runner's tokens then cross
+    /// the network unencrypted). Default: `false`; `OUTPOST_RUNNER__ALLOW_INSECURE_HTTP=true` sets it.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// The clusters jobs may name (`cluster: NAME`): `[clusters.NAME]` tables, see
+    /// [`crate::clusters::ClusterSettings`]. Relative paths in them are made absolute on load.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clusters: BTreeMap<String, ClusterSettings>,
+    /// The config dir the settings were loaded from (not a setting itself).
+    #[serde(skip)]
+    pub config_dir: PathBuf,
 }
 
 impl Settings {
@@ -168,7 +181,16 @@ impl Settings {
             concurrency: 1,
             log_spool_max_bytes: 256 * 1024 * 1024,
             log_spool_dir: None,
+            allow_insecure_http: false,
+            clusters: BTreeMap::new(),
+            config_dir: config_dir.to_path_buf(),
         }
+    }
+
+    /// The checked clusters (their paths are absolute after [`Settings::load`]); the `AZURE_*`
+    /// defaults of workload identity come from the process environment.
+    pub fn resolved_clusters(&self) -> anyhow::Result<BTreeMap<String, Cluster>> {
+        crate::clusters::resolve_all(&self.clusters, Path::new("/"), &|k| std::env::var(k).ok())
     }
 
     /// The directory of the per-job log spools.
@@ -211,6 +233,7 @@ impl Settings {
                 file.display()
             )
         })?;
+        settings.config_dir = config_dir.to_path_buf();
         if settings.work_dir.is_relative() {
             settings.work_dir = config_dir.join(&settings.work_dir);
         }
@@ -219,6 +242,25 @@ impl Settings {
         {
             settings.log_spool_dir = Some(config_dir.join(dir));
         }
+        for cluster in settings.clusters.values_mut() {
+            for path in [
+                &mut cluster.kubeconfig,
+                &mut cluster.ca_file,
+                &mut cluster.token_file,
+                &mut cluster.secret_file,
+                &mut cluster.authority_ca_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if path.is_relative() {
+                    *path = config_dir.join(&*path);
+                }
+            }
+        }
+        settings
+            .resolved_clusters()
+            .with_context(|| format!("in {}", file.display()))?;
         anyhow::ensure!(
             settings.concurrency >= 1,
             "`concurrency` in the runner settings must be at least 1 (from {} and {ENV_PREFIX}__* variables)",
@@ -352,6 +394,38 @@ mod tests {
             Settings::load_from(tmp.path(), Some(env)).unwrap_err()
         );
         assert!(err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn clusters_are_read_and_checked_on_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("ca.pem"), "pem").unwrap();
+        std::fs::write(
+            tmp.path().join(SETTINGS_FILE),
+            "[clusters.aks-prod]\nserver = \"https://aks.example.io\"\nca_file = \"ca.pem\"\nauth = \"managed_identity\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(tmp.path(), Some(BTreeMap::new())).unwrap();
+        assert_eq!(
+            s.clusters["aks-prod"].ca_file.as_deref(),
+            Some(tmp.path().join("ca.pem").as_path())
+        );
+        assert!(matches!(
+            s.resolved_clusters().unwrap()["aks-prod"],
+            Cluster::Entra(_)
+        ));
+
+        std::fs::write(
+            tmp.path().join(SETTINGS_FILE),
+            "[clusters.aks-prod]\nserver = \"https://aks.example.io\"\nca_file = \"ca.pem\"\nauth = \"magic\"\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            Settings::load_from(tmp.path(), Some(BTreeMap::new())).unwrap_err()
+        );
+        assert!(err.contains("cluster `aks-prod`"), "{err}");
+        assert!(err.contains("unknown `auth = \"magic\"`"), "{err}");
     }
 
     #[test]

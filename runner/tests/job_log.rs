@@ -127,6 +127,7 @@ fn config(work_dir: &Path) -> ExecConfig {
         // The real batch interval: it is also how long masking may hold back the beginning of a
         // secret that a step writes in two pieces.
         log: LogConfig::default(),
+        clusters: Default::default(),
     }
 }
 

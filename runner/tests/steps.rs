@@ -325,6 +325,7 @@ impl Harness {
                 batch_interval: Duration::from_millis(20),
                 ..LogConfig::default()
             },
+            clusters: Default::default(),
         };
         Self {
             _tmp: tmp,

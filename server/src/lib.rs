@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod api;
 pub mod dev;
+pub mod entra;
 pub mod events;
 pub mod hooks;
 pub mod pipeline;
@@ -51,11 +52,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let entra = match &settings.entra {
+        Some(entra) => Some(Arc::new(entra::EntraVerifier::new(entra.clone())?)),
+        None => None,
+    };
     let settings = Arc::new(settings);
     let state = api::AppState {
         store: store.clone(),
         settings: settings.clone(),
         shutdown: shutdown.clone(),
+        entra,
     };
     let listen = tokio::spawn(store.events.clone().listen(shutdown.clone()));
     let reaper = tokio::spawn(queue::reaper(

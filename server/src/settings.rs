@@ -21,6 +21,150 @@ pub struct Settings {
     pub secrets: SecretsSettings,
     /// Webhook endpoints (`/hooks/*`): their secrets and body limit.
     pub webhooks: WebhookSettings,
+    /// Runner registration with Entra ID tokens (`[entra]`); absent means registration tokens only.
+    pub entra: Option<EntraSettings>,
+}
+
+/// Runner registration with Entra ID: a runner presents an access token from its managed
+/// identity instead of a registration token, and the server checks it against the issuer's keys.
+///
+/// ```toml
+/// [entra]
+/// tenant_id = "00000000-0000-0000-0000-000000000000"
+/// issuer = "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/v2.0"
+/// audience = "api://outpost"
+///
+/// [[entra.principals]]
+/// object_id = "11111111-1111-1111-1111-111111111111"
+/// pool = "aks-prod"
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EntraSettings {
+    /// The directory (tenant) id tokens must carry in their `tid` claim.
+    pub tenant_id: String,
+    /// The exact `iss` claim tokens must carry, e.g.
+    /// `https://login.microsoftonline.com/<tenant>/v2.0` (v2 tokens) or
+    /// `https://sts.windows.net/<tenant>/` (v1 tokens, what managed identities get by default).
+    pub issuer: String,
+    /// Where the issuer publishes its signing keys; default: the `jwks_uri` of
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub jwks_url: Option<String>,
+    /// The `aud` claim tokens must carry: the application ID URI (or client id) of the app
+    /// registration that stands for this server. Runners ask for `<audience>/.default`.
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 60.
+    pub leeway_secs: u64,
+    /// The signing keys are fetched again when they are older than this, in seconds. Default 3600.
+    pub jwks_max_age_secs: u64,
+    /// A token signed with a key id the server does not know makes it fetch the keys again, at
+    /// most this often, in seconds, so forged key ids cannot turn it against the issuer. Default 60.
+    pub jwks_min_refresh_secs: u64,
+    /// The principals (object ids) allowed to register runners, each into one pool.
+    pub principals: Vec<EntraPrincipal>,
+}
+
+/// One principal allowed to register runners with an Entra ID token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntraPrincipal {
+    /// Its object (principal) id, the token's `oid` claim (or `sub` when there is no `oid`);
+    /// for a managed identity, the "Object (principal) ID" the portal shows.
+    pub object_id: String,
+    /// The pool its runners join, as a registration token's pool would.
+    pub pool: String,
+    /// What it is, for people reading the configuration and the logs.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl Default for EntraSettings {
+    fn default() -> Self {
+        Self {
+            tenant_id: String::new(),
+            issuer: String::new(),
+            jwks_url: None,
+            audience: String::new(),
+            leeway_secs: 60,
+            jwks_max_age_secs: 3600,
+            jwks_min_refresh_secs: 60,
+            principals: Vec::new(),
+        }
+    }
+}
+
+impl EntraSettings {
+    /// Checks that the section is complete and consistent; each error names the key to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.tenant_id.trim().is_empty(),
+            "entra.tenant_id is required: the directory (tenant) id runners' tokens come from"
+        );
+        anyhow::ensure!(
+            !self.issuer.trim().is_empty(),
+            "entra.issuer is required, e.g. https://login.microsoftonline.com/{}/v2.0 or https://sts.windows.net/{}/",
+            self.tenant_id,
+            self.tenant_id
+        );
+        check_key_url("entra.issuer", &self.issuer)?;
+        if let Some(url) = &self.jwks_url {
+            check_key_url("entra.jwks_url", url)?;
+        }
+        anyhow::ensure!(
+            !self.audience.trim().is_empty(),
+            "entra.audience is required: the application ID URI or client id of the app registration that stands for this server (its tokens' `aud`)"
+        );
+        anyhow::ensure!(
+            self.jwks_max_age_secs >= 1,
+            "entra.jwks_max_age_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.principals.is_empty(),
+            "entra.principals is empty, so no runner could register with Entra ID: add [[entra.principals]] entries with object_id and pool, or remove the [entra] section"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.principals.iter().enumerate() {
+            anyhow::ensure!(
+                !p.object_id.trim().is_empty(),
+                "entra.principals[{i}] has no object_id"
+            );
+            anyhow::ensure!(
+                !p.pool.trim().is_empty(),
+                "entra.principals[{i}] ({}) has no pool",
+                p.object_id
+            );
+            anyhow::ensure!(
+                seen.insert(p.object_id.trim().to_ascii_lowercase()),
+                "entra.principals lists {} twice: a principal registers into exactly one pool",
+                p.object_id
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Signing keys decide who may register, so they come over HTTPS; plain HTTP only on loopback
+/// (a local stand-in, or a proxy on the same machine).
+fn check_key_url(key: &str, value: &str) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(value.trim())
+        .map_err(|e| anyhow::anyhow!("{key} is not a URL ({value}): {e}"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = url.host_str().unwrap_or_default();
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            anyhow::ensure!(
+                loopback,
+                "{key} must be an https URL ({value}): plain http is allowed only on loopback"
+            );
+            Ok(())
+        }
+        other => anyhow::bail!("{key} must be an https URL, not {other}: ({value})"),
+    }
 }
 
 /// Database settings.
@@ -159,6 +303,7 @@ impl Default for Settings {
             queue: QueueSettings::default(),
             secrets: SecretsSettings::default(),
             webhooks: WebhookSettings::default(),
+            entra: None,
         }
     }
 }
@@ -262,6 +407,9 @@ impl Settings {
             settings.webhooks.max_body_bytes >= 1024,
             "webhooks.max_body_bytes must be at least 1024"
         );
+        if let Some(entra) = &settings.entra {
+            entra.validate()?;
+        }
         Ok(settings)
     }
 
@@ -370,5 +518,86 @@ mod tests {
             Some(Path::new("/etc/outpost/secrets.key"))
         );
         assert!(!format!("{settings:?}").contains("c2VjcmV0"));
+    }
+
+    fn load_entra(toml: &str) -> anyhow::Result<Settings> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(&path, toml).unwrap();
+        Settings::load(Some(&path))
+    }
+
+    const ENTRA_OK: &str = r#"
+[entra]
+tenant_id = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+issuer = "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+audience = "api://outpost"
+
+[[entra.principals]]
+object_id = "11111111-1111-1111-1111-111111111111"
+pool = "aks-prod"
+description = "vmss-prod system identity"
+"#;
+
+    #[test]
+    fn entra_settings_load_from_a_file() {
+        let settings = load_entra(ENTRA_OK).unwrap();
+        let entra = settings.entra.expect("the [entra] section is read");
+        assert_eq!(entra.audience, "api://outpost");
+        assert_eq!(entra.leeway_secs, 60);
+        assert_eq!(entra.jwks_min_refresh_secs, 60);
+        assert_eq!(entra.jwks_url, None);
+        assert_eq!(entra.principals.len(), 1);
+        assert_eq!(entra.principals[0].pool, "aks-prod");
+        assert!(Settings::default().entra.is_none());
+    }
+
+    #[test]
+    fn incomplete_entra_settings_say_what_to_fix() {
+        let cases = [
+            (
+                ENTRA_OK.replace("audience = \"api://outpost\"", ""),
+                "entra.audience is required",
+            ),
+            (
+                ENTRA_OK.replace("tenant_id = \"72f988bf-86f1-41af-91ab-2d7cd011db47\"", ""),
+                "entra.tenant_id is required",
+            ),
+            (
+                ENTRA_OK.replace("https://login", "http://login"),
+                "plain http is allowed only on loopback",
+            ),
+            (
+                ENTRA_OK.replace("pool = \"aks-prod\"", "pool = \"\""),
+                "has no pool",
+            ),
+            (
+                ENTRA_OK
+                    .split("[[entra.principals]]")
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                "entra.principals is empty",
+            ),
+            (
+                format!(
+                    "{ENTRA_OK}\n[[entra.principals]]\nobject_id = \"11111111-1111-1111-1111-111111111111\"\npool = \"other\"\n"
+                ),
+                "lists 11111111-1111-1111-1111-111111111111 twice",
+            ),
+        ];
+        for (toml, expected) in &cases {
+            let err = format!("{:#}", load_entra(toml).unwrap_err());
+            assert!(
+                err.contains(expected),
+                "expected {expected:?} in {err:?} for:\n{toml}"
+            );
+        }
+        let loopback =
+            ENTRA_OK.replace("https://login.microsoftonline.com", "http://127.0.0.1:8080");
+        assert!(
+            load_entra(&loopback).is_ok(),
+            "plain http on loopback is allowed"
+        );
     }
 }

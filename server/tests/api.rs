@@ -46,6 +46,7 @@ async fn env() -> Env {
             store,
             settings: Arc::new(settings),
             shutdown: CancellationToken::new(),
+            entra: None,
         },
         admin,
         read,

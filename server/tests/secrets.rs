@@ -86,6 +86,7 @@ async fn env(postgres: bool) -> Option<Env> {
         store,
         settings: Arc::new(settings),
         shutdown: CancellationToken::new(),
+        entra: None,
     };
     let mut env = Env {
         dir,

@@ -100,6 +100,7 @@ async fn env(postgres: bool) -> Option<Env> {
             store,
             settings: Arc::new(settings),
             shutdown: CancellationToken::new(),
+            entra: None,
         },
         admin,
         read,

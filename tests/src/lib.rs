@@ -13,12 +13,16 @@
 //! - `TEST_LOG`: when set, the servers' and runners' output is copied into the test's output.
 //! - `OUTPOST_TEST_HELM`: a `helm` binary to use instead of the one [`helm`] installs.
 //!
-//! Stand-ins and fixtures live in their own modules: [`kube`] is the fake Kubernetes API server,
+//! Stand-ins and fixtures live in their own modules: [`kube`] is the Kubernetes API server
+//! stand-in (HTTPS, bearer tokens, the real wire format), [`identity`] the managed identity and
+//! Entra ID token endpoints, [`entra`] the Entra ID issuer (JWKS, minted tokens),
 //! [`git`] makes repositories and serves one as a private forge.
 
 #![forbid(unsafe_code)]
 
+pub mod entra;
 pub mod git;
+pub mod identity;
 pub mod kube;
 
 use std::collections::VecDeque;
@@ -605,6 +609,7 @@ impl TestServer {
                 version: outpost_protocol::VERSION.to_string(),
                 os: std::env::consts::OS.to_string(),
                 arch: std::env::consts::ARCH.to_string(),
+                clusters: Vec::new(),
             })
             .await
             .unwrap_or_else(|e| panic!("registering the fake runner {name} failed: {e}"));
@@ -713,6 +718,19 @@ impl TestRunner {
         extra_env: &[(&str, &str)],
         run_args: &[&str],
     ) -> TestRunner {
+        Self::start_with_settings(server, name, labels, extra_env, run_args, None).await
+    }
+
+    /// Like [`TestRunner::start_with_args`], writing `runner_toml` as the runner's `runner.toml`
+    /// before it registers (so that, e.g., its `[clusters.NAME]` are advertised).
+    pub async fn start_with_settings(
+        server: &TestServer,
+        name: &str,
+        labels: &[&str],
+        extra_env: &[(&str, &str)],
+        run_args: &[&str],
+        runner_toml: Option<&str>,
+    ) -> TestRunner {
         let config_dir = tempfile::Builder::new()
             .prefix("outpost-e2e-runner-config-")
             .tempdir()
@@ -730,6 +748,10 @@ impl TestRunner {
             output: OutputTail::default(),
         };
 
+        if let Some(text) = runner_toml {
+            std::fs::write(runner.config_dir.path().join("runner.toml"), text)
+                .expect("runner.toml can be written");
+        }
         let registration = server.registration_token().await;
         let labels = labels.join(",");
         let mut register = runner.command(extra_env);

@@ -217,6 +217,7 @@ async fn tokens_are_checked(backend: Backend) {
                 version: String::new(),
                 os: String::new(),
                 arch: String::new(),
+                clusters: Vec::new(),
             })
             .await,
         "register with an admin token",

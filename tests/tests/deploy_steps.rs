@@ -1,5 +1,5 @@
 //! Deployment steps run the real tools: `checkout` with the real `git`, `helm` from
-//! `scripts/install-helm`, `kubectl` at `/usr/bin/kubectl` against the fake API server in
+//! `scripts/install-helm`, `kubectl` at `/usr/bin/kubectl` against the Kubernetes API stand-in in
 //! `outpost_tests::kube`; a private repository's token never shows; a variable full of shell
 //! syntax reaches `kubectl` as one literal argument.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use outpost_tests::git::{GitRepo, PrivateForge};
-use outpost_tests::kube::FakeKubeApi;
+use outpost_tests::kube::{DEFAULT_TOKEN, KubeStandIn};
 use outpost_tests::outpost_protocol::{
     Client, JobStatus, Run, RunStatus, StepStatus, TriggerRunRequest,
 };
@@ -32,7 +32,7 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Runner settings for the real tools, a kubeconfig for the fake API server, and a home of the
+/// Runner settings for the real tools, a kubeconfig for the Kubernetes API stand-in, and a home of the
 /// test's own, where kubectl keeps its discovery cache and helm its configuration.
 async fn tool_env(scratch: &Path, kubeconfig: &Path) -> Vec<(String, String)> {
     let home = scratch.join("home");
@@ -101,8 +101,8 @@ async fn helm_and_kubectl_steps_run_the_real_tools(backend: Backend) {
     let server = TestServer::start(&db, &[]).await;
     let client = server.client();
     let scratch = scratch_dir();
-    let kube = FakeKubeApi::start().await;
-    let kubeconfig = kube.write_kubeconfig(scratch.path());
+    let kube = KubeStandIn::start().await;
+    let kubeconfig = kube.write_kubeconfig(scratch.path(), DEFAULT_TOKEN);
     let env = tool_env(scratch.path(), &kubeconfig).await;
     let _runner = TestRunner::start(&server, "e2e-deploy", &["e2e"], &pairs(&env)).await;
 
@@ -187,7 +187,7 @@ async fn helm_and_kubectl_steps_run_the_real_tools(backend: Backend) {
         assert!(log.contains(needle), "the log lacks {needle:?}:\n{log}");
     }
     // `kubectl config view` redacts the user's token, as it does for people.
-    assert!(!log.contains("fake-kube-token"), "{log}");
+    assert!(!log.contains(DEFAULT_TOKEN), "{log}");
 
     // The dry runs asked the API server about the objects, and changed nothing.
     let requests = kube.requests();
@@ -490,8 +490,8 @@ async fn shell_syntax_in_a_variable_stays_one_argument(backend: Backend) {
     let server = TestServer::start(&db, &[]).await;
     let client = server.client();
     let scratch = scratch_dir();
-    let kube = FakeKubeApi::start().await;
-    let kubeconfig = kube.write_kubeconfig(scratch.path());
+    let kube = KubeStandIn::start().await;
+    let kubeconfig = kube.write_kubeconfig(scratch.path(), DEFAULT_TOKEN);
     let env = tool_env(scratch.path(), &kubeconfig).await;
     let _runner = TestRunner::start(&server, "e2e-evil", &["e2e"], &pairs(&env)).await;
 

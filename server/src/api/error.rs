@@ -127,6 +127,10 @@ impl IntoResponse for ApiError {
         let server_side = self.status.is_server_error();
         let message = if server_side {
             match self.status {
+                StatusCode::SERVICE_UNAVAILABLE if self.code == "entra_unavailable" => {
+                    "the server cannot fetch the Entra ID signing keys right now; retry shortly"
+                        .to_string()
+                }
                 StatusCode::SERVICE_UNAVAILABLE => {
                     "the server cannot reach its database right now; retry shortly".to_string()
                 }

@@ -34,6 +34,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Cancelled when the server shuts down, so long polls and streams end promptly.
     pub shutdown: CancellationToken,
+    /// Checks Entra ID tokens at runner registration; `None` when `[entra]` is not configured.
+    pub entra: Option<Arc<crate::entra::EntraVerifier>>,
 }
 
 /// One route of the HTTP surface: its method, its full path and what answers it.
@@ -86,6 +88,12 @@ pub fn route_table() -> Vec<Route> {
         route(M::DELETE, "/api/v1/secrets/{name}", secrets::delete),
         route(M::GET, "/api/v1/runners", runner::list),
         route(M::POST, "/api/v1/runner/register", runner::register),
+        route(M::GET, "/api/v1/runner/me", runner::me),
+        route(
+            M::GET,
+            "/api/v1/runner/registration-info",
+            runner::registration_info,
+        ),
         route(M::POST, "/api/v1/runner/acquire", runner::acquire),
         route(
             M::POST,

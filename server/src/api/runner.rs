@@ -7,8 +7,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use outpost_protocol::{
-    AcquireRequest, AcquireResponse, CompleteRequest, ErrorBody, HeartbeatResponse,
-    LogAppendResponse, RegisterRequest, RegisterResponse, RunnerList, StepUpdate,
+    AcquireRequest, AcquireResponse, CompleteRequest, EntraRegistrationInfo, ErrorBody,
+    HeartbeatResponse, LogAppendResponse, RegisterRequest, RegisterResponse, RegistrationInfo,
+    RunnerIdentity, RunnerList, StepUpdate,
 };
 use serde::Deserialize;
 
@@ -38,13 +39,37 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
     }))
 }
 
-/// `POST /runner/register` with a registration token.
+/// `GET /runner/registration-info`: whether Entra ID registration is on, and which audience and
+/// scope a runner's token must be for. No authentication: a runner asks before it has any
+/// credential, and nothing here is secret.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runner/registration-info",
+    tag = "runners",
+    operation_id = "registration_info",
+    summary = "How a runner may register: whether Entra ID tokens are accepted, for which audience",
+    responses(
+        (status = 200, description = "Registration options", body = RegistrationInfo),
+    )
+)]
+pub async fn registration_info(State(state): State<AppState>) -> Json<RegistrationInfo> {
+    Json(RegistrationInfo {
+        entra: state.entra.as_ref().map(|v| EntraRegistrationInfo {
+            tenant_id: v.tenant_id().to_string(),
+            audience: v.audience().to_string(),
+            scope: format!("{}/.default", v.audience().trim_end_matches('/')),
+        }),
+    })
+}
+
+/// `POST /runner/register` with a registration token, or with an Entra ID access token (a bearer
+/// that is a JWT) when `[entra]` is configured.
 #[utoipa::path(
     post,
     path = "/api/v1/runner/register",
     tag = "runners",
     operation_id = "register_runner",
-    summary = "Register a runner with a registration token",
+    summary = "Register a runner with a registration token or an Entra ID token",
     request_body(content = RegisterRequest),
     security(("registration_token" = [])),
     responses(
@@ -61,11 +86,17 @@ pub async fn register(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let token = bearer(&headers)?;
-    let pool = state.store.authenticate_registration(token).await?.ok_or_else(|| {
-        ApiError::unauthenticated(
-            "not a valid registration token: create one with `outpost-server registration-token create --pool NAME`",
-        )
-    })?;
+    let (pool, principal) = if crate::entra::looks_like_jwt(token) {
+        let principal = entra_principal(&state, token).await?;
+        (principal.pool.clone(), Some(principal))
+    } else {
+        let pool = state.store.authenticate_registration(token).await?.ok_or_else(|| {
+            ApiError::unauthenticated(
+                "not a valid registration token: create one with `outpost-server registration-token create --pool NAME`",
+            )
+        })?;
+        (pool, None)
+    };
     let req: RegisterRequest = body.json_required()?;
     if req.name.trim().is_empty() || req.name.len() > 200 {
         return Err(ApiError::bad_request(
@@ -81,9 +112,72 @@ pub async fn register(
             "label {bad:?} is not valid: labels are 1 to 100 characters without spaces or commas"
         )));
     }
+    if let Some(bad) = req.clusters.iter().find(|c| {
+        c.is_empty()
+            || c.len() > 63
+            || !c
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "cluster name {bad:?} is not valid: 1 to 63 letters, digits, `-`, `_` or `.`"
+        )));
+    }
     let resp = state.store.register_runner(&pool, &req).await?;
-    tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, "runner registered");
+    match &principal {
+        Some(p) => tracing::info!(
+            runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels,
+            clusters = ?req.clusters, entra.object_id = %p.object_id, entra.client_id = ?p.client_id,
+            "runner registered with an Entra ID token"
+        ),
+        None => {
+            tracing::info!(runner.id = %resp.runner_id, name = %req.name, pool = %pool, labels = ?req.labels, clusters = ?req.clusters, "runner registered")
+        }
+    }
     Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// `GET /runner/me`: who a runner token belongs to, for `outpost-runner doctor`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runner/me",
+    tag = "runners",
+    operation_id = "runner_me",
+    summary = "Who a runner token belongs to",
+    security(("runner_token" = [])),
+    responses(
+        (status = 200, description = "The runner", body = RunnerIdentity),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+    )
+)]
+pub async fn me(runner: RunnerCaller) -> Json<RunnerIdentity> {
+    Json(RunnerIdentity {
+        runner_id: runner.0.id,
+        name: runner.0.name,
+        labels: runner.0.labels,
+    })
+}
+
+/// The principal behind an Entra ID token, or the `401` that says which check failed.
+async fn entra_principal(state: &AppState, token: &str) -> ApiResult<crate::entra::EntraPrincipal> {
+    let Some(verifier) = &state.entra else {
+        return Err(ApiError::unauthenticated(
+            "this server does not accept Entra ID tokens (no [entra] section in its configuration): register with a registration token",
+        ));
+    };
+    verifier.verify(token).await.map_err(|e| {
+        if e.is_unavailable() {
+            // The server's fault, not the token's: the cause is logged, the runner may retry.
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "entra_unavailable",
+                e.to_string(),
+            )
+        } else {
+            tracing::warn!(reason = %e, "refused an Entra ID registration");
+            ApiError::unauthenticated(format!("Entra ID token refused: {e}"))
+        }
+    })
 }
 
 /// `POST /runner/acquire`: holds the request until a matching job is queued or the wait ends.

@@ -406,7 +406,22 @@ fn parse_job(entry: &Entry, secrets: &[String]) -> Result<(JobDef, Vec<Mark>), P
         None => Vec::new(),
     };
     let cluster = match get(fields, "cluster") {
-        Some(e) => optional_text(&e.value, "`cluster`")?,
+        Some(e) => {
+            let cluster = optional_text(&e.value, "`cluster`")?;
+            // The cluster becomes the required runner label `cluster:NAME`, so it must be a name
+            // a runner can register with, or the job would wait for ever.
+            if let Some(c) = &cluster
+                && (c.len() > 63
+                    || !c
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')))
+            {
+                return Err(e.value.mark.error(format!(
+                    "`{c}` is not a valid cluster name: use 1 to 63 letters, digits, `-`, `_` or `.`, as in the runner's `[clusters.NAME]`"
+                )));
+            }
+            cluster
+        }
         None => None,
     };
     let environment = match get(fields, "environment") {

@@ -960,3 +960,13 @@ fn rejects_custom_tags() {
         &["`!reference`", "not supported"],
     );
 }
+
+#[test]
+fn a_cluster_name_no_runner_could_have_is_an_error() {
+    assert_error(
+        "jobs:\n  deploy:\n    cluster: aks prod\n    steps:\n      - run: true\n",
+        3,
+        14,
+        &["`aks prod` is not a valid cluster name", "[clusters.NAME]"],
+    );
+}

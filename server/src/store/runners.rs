@@ -74,6 +74,15 @@ impl Store {
         let id = Uuid::now_v7();
         let token = new_token("opn_");
         let now = Utc::now();
+        // A runner's clusters are implicit labels, so the claim query routes a job that names a
+        // cluster (and therefore requires `cluster:NAME`) without knowing about clusters.
+        let mut labels = req.labels.clone();
+        for cluster in &req.clusters {
+            let label = cluster_label(cluster);
+            if !labels.contains(&label) {
+                labels.push(label);
+            }
+        }
         let _w = self.write_guard().await;
         dispatch!(self, pool => {
             sqlx::query(
@@ -82,7 +91,7 @@ impl Store {
             )
             .bind(id)
             .bind(&req.name)
-            .bind(Json(&req.labels))
+            .bind(Json(&labels))
             .bind(pool_name)
             .bind(&req.version)
             .bind(&req.os)
@@ -173,4 +182,10 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// The implicit label of a runner that has cluster `name` configured; a job naming the cluster
+/// requires it.
+pub fn cluster_label(name: &str) -> String {
+    format!("cluster:{name}")
 }

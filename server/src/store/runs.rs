@@ -351,7 +351,7 @@ impl Store {
                 pipeline: new.pipeline.clone(),
                 name: job.name.clone(),
                 status,
-                runs_on: job.runs_on.clone(),
+                runs_on: required_labels(&job.runs_on, job.cluster.as_deref()),
                 needs: job.needs.clone(),
                 cluster: job.cluster.clone(),
                 environment: job.environment.clone(),
@@ -586,6 +586,19 @@ impl Store {
         });
         Ok(())
     }
+}
+
+/// The labels a runner needs for a job: its `runs_on`, plus `cluster:NAME` when it names a
+/// cluster, which runners carry for each cluster they registered with.
+fn required_labels(runs_on: &[String], cluster: Option<&str>) -> Vec<String> {
+    let mut labels = runs_on.to_vec();
+    if let Some(cluster) = cluster {
+        let label = super::runners::cluster_label(cluster);
+        if !labels.contains(&label) {
+            labels.push(label);
+        }
+    }
+    labels
 }
 
 #[cfg(test)]
