@@ -342,3 +342,71 @@ pub async fn runners(ctx: &Ctx) -> anyhow::Result<u8> {
     table.print()?;
     Ok(EXIT_OK)
 }
+
+/// `outpost login`: checks the server and token, then saves them in the config file.
+pub async fn login(
+    path: Option<&Path>,
+    server: Option<&str>,
+    token: Option<&str>,
+    file: &crate::config::FileConfig,
+    output: crate::output::OutputFormat,
+) -> anyhow::Result<u8> {
+    use std::io::IsTerminal as _;
+    let Some(path) = path else {
+        bail!("cannot tell where the config file goes: set OUTPOST_CONFIG to its path (or HOME)");
+    };
+    let server = server
+        .map(str::to_string)
+        .or_else(|| file.server.clone())
+        .unwrap_or_else(|| crate::config::DEFAULT_SERVER.to_string());
+    let token = match token.map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) => t.to_string(),
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprint!("API token for {server} (from `outpost-server token create`): ");
+            }
+            let mut line = String::new();
+            stdin
+                .read_line(&mut line)
+                .map_err(|e| anyhow!("could not read the token from standard input: {e}"))?;
+            let line = line.trim().to_string();
+            if line.is_empty() {
+                bail!("no token given: pass --token, set OUTPOST_TOKEN, or type it when asked");
+            }
+            line
+        }
+    };
+    let ctx = Ctx::new(&server, Some(&token), output)?;
+    // Any valid token may list runners, so this checks the server and the token at once.
+    ctx.client.list_runners().await.map_err(|e| ctx.fail(e))?;
+    let config = crate::config::FileConfig {
+        server: Some(ctx.server.clone()),
+        token: Some(token),
+    };
+    crate::config::save(path, &config)?;
+    if ctx.json() {
+        output::json(&json!({ "server": ctx.server, "config": path }))?;
+    } else {
+        output::outln(&format!(
+            "Logged in to {}; saved to {} (readable only by you)",
+            ctx.server,
+            path.display()
+        ))?;
+    }
+    Ok(EXIT_OK)
+}
+
+/// `outpost logout`: forgets the saved token, keeping the server.
+pub fn logout(path: Option<&Path>, mut file: crate::config::FileConfig) -> anyhow::Result<u8> {
+    let Some(path) = path else {
+        bail!("cannot tell where the config file is: set OUTPOST_CONFIG to its path (or HOME)");
+    };
+    if file.token.take().is_none() {
+        output::outln(&format!("No token is saved in {}", path.display()))?;
+        return Ok(EXIT_OK);
+    }
+    crate::config::save(path, &file)?;
+    output::outln(&format!("Removed the token from {}", path.display()))?;
+    Ok(EXIT_OK)
+}

@@ -36,7 +36,7 @@ impl Ctx {
         }
         let token = token.map(str::trim).filter(|t| !t.is_empty());
         let Some(token) = token else {
-            bail!("no API token: set OUTPOST_TOKEN or pass --token");
+            bail!("no API token: run `outpost login`, set OUTPOST_TOKEN or pass --token");
         };
         let client = Client::new(&server, Some(token.to_string()))
             .map_err(|e| anyhow::anyhow!("could not set up the HTTP client: {e}"))?;
@@ -143,7 +143,7 @@ mod tests {
         let err = Ctx::new("http://127.0.0.1:1", None, OutputFormat::Table).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "no API token: set OUTPOST_TOKEN or pass --token"
+            "no API token: run `outpost login`, set OUTPOST_TOKEN or pass --token"
         );
         assert!(Ctx::new("http://127.0.0.1:1", Some("  "), OutputFormat::Table).is_err());
     }

@@ -12,7 +12,9 @@ use outpost_protocol::RunStatus;
 use uuid::Uuid;
 
 mod commands;
+mod config;
 mod context;
+mod invoke;
 mod logs;
 mod output;
 
@@ -23,25 +25,21 @@ use output::OutputFormat;
 ///
 /// Every command talks to an Outpost server's HTTP API with an API token.
 /// Create a token on the server with `outpost-server token create --name NAME --scope SCOPE`
-/// (`read`, `trigger` or `admin`) and export it as OUTPOST_TOKEN.
+/// (`read`, `trigger`, `invoke` or `admin`), then save it with `outpost login`, or export it
+/// as OUTPOST_TOKEN.
 ///
 /// Exit codes: 0 when the command worked (and the run or job it watched succeeded), 1 when the
 /// watched run or job failed, was cancelled, timed out or was lost, 2 for usage errors and
-/// errors from the server.
+/// errors from the server; `outpost invoke` exits with the remote command's own exit code.
 #[derive(Debug, Parser)]
 #[command(name = "outpost", version, propagate_version = true)]
 struct Cli {
-    /// The Outpost server's base URL.
-    #[arg(
-        long,
-        global = true,
-        value_name = "URL",
-        env = "OUTPOST_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    server: String,
+    /// The Outpost server's base URL [default: the one `outpost login` saved, else
+    /// http://127.0.0.1:8080].
+    #[arg(long, global = true, value_name = "URL", env = "OUTPOST_SERVER")]
+    server: Option<String>,
 
-    /// The API token to authenticate with.
+    /// The API token to authenticate with [default: the one `outpost login` saved].
     #[arg(
         long,
         global = true,
@@ -85,6 +83,73 @@ enum Command {
     Cancel(CancelArgs),
     /// List the runners registered with the server.
     Runners,
+    /// Run one command on a runner next to a private cluster, streaming its output live
+    ///
+    /// The command runs on a runner that carries the labels (or serves the cluster) you name,
+    /// as a direct process without a shell unless --shell is given; its output streams to your
+    /// terminal as it is printed, and `outpost` exits with the command's exit code.
+    /// `kubectl` and `helm` as the first word run the runner's kubectl/helm with KUBECONFIG set
+    /// for the cluster, like `kubectl:`/`helm:` pipeline steps.
+    /// Ctrl-C cancels the command on the runner and exits 130 once the runner confirms.
+    ///
+    /// Needs a token with the `invoke` scope (or `admin`); every invoke is recorded in the
+    /// audit trail (`outpost audit`).
+    ///
+    /// Examples:
+    ///
+    ///   outpost invoke --cluster aks-prod -- kubectl get pods -A
+    ///
+    ///   outpost invoke --cluster aks-prod --file app.yaml -- kubectl apply -f app.yaml
+    ///
+    ///   outpost invoke --labels linux,vnet-a --shell -- 'curl -sf http://10.0.0.4/healthz | jq .'
+    #[command(verbatim_doc_comment)]
+    Invoke(InvokeArgs),
+    /// Show the audit trail: who invoked which command where, and how it ended (needs `admin`).
+    Audit(AuditArgs),
+    /// Save the server and token in the config file, after checking them.
+    ///
+    /// The file is $OUTPOST_CONFIG, else $XDG_CONFIG_HOME/outpost/config.toml, else
+    /// ~/.config/outpost/config.toml, written with mode 0600. Without --token (or OUTPOST_TOKEN)
+    /// the token is read from standard input. --server, --token and the OUTPOST_* variables
+    /// still win over the file.
+    Login,
+    /// Remove the saved token from the config file.
+    Logout,
+}
+
+#[derive(Debug, Args)]
+struct InvokeArgs {
+    /// Run on a runner that serves this cluster (its `cluster:NAME` label); kubectl and helm
+    /// get KUBECONFIG for it.
+    #[arg(long, value_name = "NAME", required_unless_present = "labels")]
+    cluster: Option<String>,
+    /// Run on a runner that carries all these labels (comma-separated or repeated).
+    #[arg(long, value_name = "LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Stop the command after this long, e.g. 90s, 5m, 1h [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = invoke::parse_timeout)]
+    timeout: Option<std::time::Duration>,
+    /// Upload a local file into the job's workspace under its file name before the command
+    /// starts (repeat for more; at most 1 MiB each, 4 MiB in all).
+    #[arg(long = "file", short = 'f', value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// Run the command as a script with the runner's shell (bash), so pipes, `&&` and
+    /// variables work; without it the words run as one process, no shell involved.
+    #[arg(long)]
+    shell: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(value_name = "COMMAND", required = true, num_args = 1.., last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// Only records of this kind, e.g. `invoke`.
+    #[arg(long, value_name = "KIND")]
+    kind: Option<String>,
+    /// At most this many records.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    limit: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,8 +242,44 @@ fn parse_run_status(s: &str) -> Result<RunStatus, String> {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
-    let ctx = Ctx::new(&cli.server, cli.token.as_deref(), cli.output)?;
+    let config_path = config::path();
+    let file = match &config_path {
+        Some(p) => config::load(p)?,
+        None => config::FileConfig::default(),
+    };
     match cli.command {
+        Command::Login => {
+            return commands::login(
+                config_path.as_deref(),
+                cli.server.as_deref(),
+                cli.token.as_deref(),
+                &file,
+                cli.output,
+            )
+            .await;
+        }
+        Command::Logout => return commands::logout(config_path.as_deref(), file),
+        _ => {}
+    }
+    let resolved = config::resolve(cli.server.as_deref(), cli.token.as_deref(), &file)?;
+    let ctx = Ctx::new(&resolved.server, resolved.token.as_deref(), cli.output)?;
+    match cli.command {
+        Command::Login | Command::Logout => unreachable!("handled above"),
+        Command::Invoke(args) => {
+            invoke::invoke(
+                &ctx,
+                invoke::Invoke {
+                    argv: args.command,
+                    shell: args.shell,
+                    cluster: args.cluster,
+                    labels: args.labels,
+                    timeout: args.timeout,
+                    files: args.files,
+                },
+            )
+            .await
+        }
+        Command::Audit(args) => invoke::audit(&ctx, args.kind.as_deref(), args.limit).await,
         Command::Pipeline {
             action: PipelineCommand::Apply { files, name },
         } => commands::pipeline_apply(&ctx, &files, name.as_deref()).await,

@@ -416,6 +416,35 @@ impl Client {
         Box::pin(futures::TryStreamExt::try_flatten(connect))
     }
 
+    /// Queues an ad-hoc command (`outpost invoke`); answers the run it created, with its job.
+    pub async fn invoke(&self, req: &InvokeRequest) -> Result<Run, ClientError> {
+        Self::json(self.request(Method::POST, "/api/v1/invoke", None).json(req)).await
+    }
+
+    /// Lists audit records, newest first; `kind` filters (e.g. `invoke`).
+    pub async fn list_audit(
+        &self,
+        kind: Option<&str>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<AuditList, ClientError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(k) = kind {
+            query.push(("kind", k.to_string()));
+        }
+        if let Some(l) = limit {
+            query.push(("limit", l.to_string()));
+        }
+        if let Some(c) = cursor {
+            query.push(("cursor", c.to_string()));
+        }
+        Self::json(
+            self.request(Method::GET, "/api/v1/audit", None)
+                .query(&query),
+        )
+        .await
+    }
+
     /// Like [`Client::apply_pipeline`], and also tells whether the pipeline was created (`201`)
     /// rather than replaced (`200`).
     pub async fn apply_pipeline_created(

@@ -238,6 +238,22 @@ pub enum StepAction {
         /// The arguments, one word each.
         args: Vec<String>,
     },
+    /// An ad-hoc command from `outpost invoke`: optional uploaded files written into the
+    /// workspace first, then the command, run directly (argv, no shell) unless `shell` is set.
+    ///
+    /// A first word of `kubectl` or `helm` runs the runner's configured binary, exactly like a
+    /// `kubectl:`/`helm:` step; unlike those, nothing is expanded: the words arrive as the
+    /// person's own shell passed them.
+    Invoke {
+        /// The command line, one word each; with `shell`, the words joined by spaces are the script.
+        argv: Vec<String>,
+        /// Run the words as a script with the runner's shell instead of as a direct process.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shell: bool,
+        /// Files to write into the workspace before the command starts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<UploadedFile>,
+    },
     /// Clone the triggering repository at the triggering sha into the workspace.
     Checkout {
         /// Sub-directory of the workspace to clone into (default: the workspace itself).
@@ -261,6 +277,7 @@ impl StepAction {
             StepAction::Kubectl { .. } => "kubectl",
             StepAction::Helm { .. } => "helm",
             StepAction::Checkout { .. } => "checkout",
+            StepAction::Invoke { .. } => "invoke",
         }
     }
 }
@@ -748,6 +765,114 @@ pub struct Runner {
 pub struct RunnerList {
     /// Runners by name.
     pub runners: Vec<Runner>,
+}
+
+// ---------------------------------------------------------------------------
+// Invoke and audit
+// ---------------------------------------------------------------------------
+
+/// The largest file `outpost invoke --file` may upload, in bytes (before base64).
+pub const INVOKE_MAX_FILE_BYTES: usize = 1024 * 1024;
+/// The most bytes all the files of one invoke may add up to (before base64).
+pub const INVOKE_MAX_TOTAL_BYTES: usize = 4 * 1024 * 1024;
+/// The reserved pipeline name invoke runs are filed under; no real pipeline can have it, since
+/// pipeline names start with a letter or a digit.
+pub const INVOKE_PIPELINE: &str = "_invoke";
+
+/// A small file uploaded with an invoke, written into the job's workspace before the command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UploadedFile {
+    /// Relative path inside the workspace, `/`-separated, without `..`.
+    pub path: String,
+    /// The bytes, base64 (standard alphabet, padded).
+    pub content_base64: String,
+    /// Whether the file is made executable (mode 0755 rather than 0644).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub executable: bool,
+}
+
+/// `POST /api/v1/invoke` body: an ad-hoc command on a runner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct InvokeRequest {
+    /// The command, one word each (at least one word).
+    pub argv: Vec<String>,
+    /// Run the words as a shell script rather than as a direct process.
+    #[serde(default)]
+    pub shell: bool,
+    /// A cluster the runner has configured: the job needs the `cluster:NAME` label and gets
+    /// `KUBECONFIG` for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Labels the runner must all carry.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// The job's timeout in seconds (default 300, at most 24 hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Files written into the workspace before the command starts.
+    #[serde(default)]
+    pub files: Vec<UploadedFile>,
+}
+
+/// One audit record: who did what, when, and how it ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEvent {
+    /// UUID v7.
+    pub id: Uuid,
+    /// What was done, e.g. `invoke`.
+    pub kind: String,
+    /// The API token's name.
+    pub actor: String,
+    /// The API token's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_id: Option<Uuid>,
+    /// When it was done.
+    pub created_at: DateTime<Utc>,
+    /// For `invoke`: the command line as recorded, with secrets masked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The run it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    /// The job it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<Uuid>,
+    /// The cluster asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The labels asked for.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// The names of the uploaded files.
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// The runner that took the job, once one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_id: Option<Uuid>,
+    /// That runner's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_name: Option<String>,
+    /// The job's status now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<JobStatus>,
+    /// The command's exit code, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// `GET /api/v1/audit` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditList {
+    /// Newest first.
+    pub events: Vec<AuditEvent>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 #[cfg(test)]

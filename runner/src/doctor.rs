@@ -48,6 +48,21 @@ impl Report {
 /// Runs every check (only cluster `only`, if given, besides the server) and prints the results;
 /// returns how many failed.
 pub async fn run(config_dir: &Path, only: Option<&str>) -> anyhow::Result<usize> {
+    run_checks(config_dir, only, true).await
+}
+
+/// Checks only the way to the server and that it accepts this runner's credentials: no cluster
+/// and no identity endpoint is asked anything, so it is quick and cheap enough for a container
+/// health check. Returns how many checks failed.
+pub async fn run_server_only(config_dir: &Path) -> anyhow::Result<usize> {
+    run_checks(config_dir, None, false).await
+}
+
+async fn run_checks(
+    config_dir: &Path,
+    only: Option<&str>,
+    with_clusters: bool,
+) -> anyhow::Result<usize> {
     let settings = Settings::load(config_dir)?;
     let clusters = settings.resolved_clusters()?;
     if let Some(name) = only {
@@ -65,7 +80,7 @@ pub async fn run(config_dir: &Path, only: Option<&str>) -> anyhow::Result<usize>
     );
     check_server(&mut report, config_dir, &settings).await;
     for (name, cluster) in &clusters {
-        if only.is_some_and(|o| o != name) {
+        if !with_clusters || only.is_some_and(|o| o != name) {
             continue;
         }
         match cluster {
@@ -76,7 +91,7 @@ pub async fn run(config_dir: &Path, only: Option<&str>) -> anyhow::Result<usize>
             }
         }
     }
-    if clusters.is_empty() {
+    if with_clusters && clusters.is_empty() {
         println!(
             "\nNo clusters are configured: add `[clusters.NAME]` to {} for jobs that name a cluster.",
             config_dir.join(crate::settings::SETTINGS_FILE).display()

@@ -291,16 +291,20 @@ pub async fn execute<A: JobApi>(
         }
         Some(verdict) => {
             let (status, exit_code) = verdict.status();
-            log.line(&format!(
-                "\n{} Job {} in {}",
-                if status == JobStatus::Succeeded {
-                    "✔"
-                } else {
-                    "✘"
-                },
-                describe_job_status(status, exit_code),
-                human(started.elapsed())
-            ));
+            // An invoke's log is the command's output and nothing else: the CLI shows it as if
+            // the command ran locally, and reports the outcome itself.
+            if job.trigger.kind != outpost_protocol::TriggerKind::Invoke {
+                log.line(&format!(
+                    "\n{} Job {} in {}",
+                    if status == JobStatus::Succeeded {
+                        "✔"
+                    } else {
+                        "✘"
+                    },
+                    describe_job_status(status, exit_code),
+                    human(started.elapsed())
+                ));
+            }
             finish(
                 &api,
                 uploader,
@@ -724,14 +728,16 @@ impl JobRun<'_> {
             deadline: job_deadline,
         };
 
-        self.log.line(&format!(
-            "Outpost runner {} ({}) running job `{}` of pipeline `{}`, run #{}",
-            self.config.runner_name,
-            outpost_protocol::VERSION,
-            job.name,
-            job.pipeline,
-            job.run_number
-        ));
+        if !self.quiet() {
+            self.log.line(&format!(
+                "Outpost runner {} ({}) running job `{}` of pipeline `{}`, run #{}",
+                self.config.runner_name,
+                outpost_protocol::VERSION,
+                job.name,
+                job.pipeline,
+                job.run_number
+            ));
+        }
         if let Err(e) = self.prepare() {
             self.log.line(&format!(
                 "✘ could not prepare the job: {}",
@@ -868,8 +874,10 @@ impl JobRun<'_> {
                 .tempdir_in(&self.config.work_dir)
                 .context("could not create a directory for step scripts")?,
         );
-        self.log
-            .line(&format!("Workspace: {}", self.workspace.display()));
+        if !self.quiet() {
+            self.log
+                .line(&format!("Workspace: {}", self.workspace.display()));
+        }
 
         let builtins = builtin_vars(job, &self.workspace);
         let mut env = Vec::new();
@@ -910,7 +918,9 @@ impl JobRun<'_> {
             &self.config.kubectl,
         )
         .await?;
-        self.log.line(&format!("Cluster: {name}"));
+        if !self.quiet() {
+            self.log.line(&format!("Cluster: {name}"));
+        }
         self.env
             .push(("KUBECONFIG".into(), path.to_string_lossy().into_owned()));
         Ok(())
@@ -928,11 +938,13 @@ impl JobRun<'_> {
         self.reporter
             .send(step.index, StepStatus::Running, None, offset)
             .await;
-        self.log.line(&format!(
-            "\n▶ Step {number}/{total}: {} (started {} UTC)",
-            step.name,
-            chrono::Utc::now().format("%H:%M:%S")
-        ));
+        if !self.quiet() {
+            self.log.line(&format!(
+                "\n▶ Step {number}/{total}: {} (started {} UTC)",
+                step.name,
+                chrono::Utc::now().format("%H:%M:%S")
+            ));
+        }
         let step_deadline = step.timeout_secs.map(|s| started + Duration::from_secs(s));
 
         let end = match &step.action {
@@ -948,6 +960,10 @@ impl JobRun<'_> {
             StepAction::Helm { args } => {
                 let program = self.config.helm.clone();
                 self.run_tool("helm", &program, args, step, step_deadline, phase)
+                    .await
+            }
+            StepAction::Invoke { argv, shell, files } => {
+                self.run_invoke(step, argv, *shell, files, step_deadline, phase)
                     .await
             }
             StepAction::Checkout {
@@ -997,7 +1013,9 @@ impl JobRun<'_> {
             }
             _ => format!("✘ Step {number}/{total} was cancelled after {took}{code}"),
         };
-        self.log.line(&line);
+        if !self.quiet() {
+            self.log.line(&line);
+        }
         if end.cause != Some(Cause::LeaseLost) {
             self.reporter
                 .send(step.index, end.status, end.exit_code, self.log.offset())
@@ -1054,6 +1072,72 @@ impl JobRun<'_> {
         };
         let end = self.command(&spec, step, step_deadline, phase).await;
         StepEnd::from_command(end)
+    }
+
+    /// Whether the log is the bare output of an ad-hoc command (`outpost invoke`), without the
+    /// lines that frame pipeline steps.
+    fn quiet(&self) -> bool {
+        self.job.trigger.kind == outpost_protocol::TriggerKind::Invoke
+    }
+
+    /// An `outpost invoke` command: its files into the workspace, then the command itself,
+    /// directly or (`shell`) as a script; see [`crate::invoke`].
+    async fn run_invoke(
+        &mut self,
+        step: &StepSpec,
+        argv: &[String],
+        shell: bool,
+        files: &[outpost_protocol::UploadedFile],
+        step_deadline: Option<Instant>,
+        phase: Phase,
+    ) -> StepEnd {
+        if let Err(e) = crate::invoke::write_files(&self.workspace, files) {
+            self.log.line(&format!("✘ {e}"));
+            return StepEnd::failed(None);
+        }
+        let Some(first) = argv.first() else {
+            self.log.line("✘ the command is empty");
+            return StepEnd::failed(None);
+        };
+        let spec = if shell {
+            let Some(dir) = self.scripts.as_ref() else {
+                return StepEnd::failed(None);
+            };
+            let path = dir.path().join("invoke.sh");
+            if let Err(e) = write_script(&path, &crate::invoke::script(argv)) {
+                self.log.line(&format!(
+                    "✘ could not write the script to {}: {e}",
+                    path.display()
+                ));
+                return StepEnd::failed(None);
+            }
+            let argv = match expand::shell_command(&self.config.shell, &path) {
+                Ok(argv) => argv,
+                Err(e) => {
+                    self.log.line(&format!("✘ {e}"));
+                    return StepEnd::failed(None);
+                }
+            };
+            CommandSpec {
+                program: PathBuf::from(&argv[0]),
+                args: argv[1..].to_vec(),
+                cwd: self.workspace.clone(),
+                env: self.env.clone(),
+            }
+        } else {
+            CommandSpec {
+                program: crate::invoke::program(
+                    first,
+                    &self.workspace,
+                    &self.config.kubectl,
+                    &self.config.helm,
+                ),
+                args: argv[1..].to_vec(),
+                cwd: self.workspace.clone(),
+                env: self.env.clone(),
+            }
+        };
+        StepEnd::from_command(self.command(&spec, step, step_deadline, phase).await)
     }
 
     async fn run_tool(

@@ -14,6 +14,7 @@
 //! - [`logs`]: the job log: masking, the in-memory window and on-disk spool, the batching uploader;
 //! - [`mask`]: secret masking of a stream that arrives in pieces;
 //! - [`spool`]: the bounded on-disk ring of log bytes the server has not acknowledged;
+//! - [`invoke`]: ad-hoc commands from `outpost invoke`: uploaded files, the program to start;
 //! - [`expand`]: `${NAME}` in `kubectl`/`helm` arguments and the `{0}` shell line;
 //! - [`settings`]: `credentials.json` and `runner.toml`;
 //! - [`clusters`]: `[clusters.NAME]` and the per-job kubeconfig;
@@ -33,6 +34,7 @@ pub mod clusters;
 pub mod doctor;
 pub mod entra;
 pub mod expand;
+pub mod invoke;
 pub mod job;
 pub mod kube_token;
 pub mod logs;

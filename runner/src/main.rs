@@ -56,6 +56,10 @@ struct DoctorArgs {
     /// Check only this cluster (and the server).
     #[arg(long, value_name = "NAME")]
     cluster: Option<String>,
+    /// Check only the server (reachable, accepts this runner's credentials), no cluster: quick
+    /// enough for a container health check.
+    #[arg(long, conflicts_with = "cluster")]
+    server_only: bool,
 }
 
 /// Where the runner keeps its credentials and settings.
@@ -278,7 +282,11 @@ async fn kube_token(args: KubeTokenArgs) -> anyhow::Result<()> {
 
 async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     let dir = args.config.resolve()?;
-    let failures = outpost_runner::doctor::run(&dir, args.cluster.as_deref()).await?;
+    let failures = if args.server_only {
+        outpost_runner::doctor::run_server_only(&dir).await?
+    } else {
+        outpost_runner::doctor::run(&dir, args.cluster.as_deref()).await?
+    };
     anyhow::ensure!(
         failures == 0,
         "{failures} check{} failed",

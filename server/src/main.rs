@@ -83,8 +83,9 @@ enum TokenAction {
         /// A name to recognise it by (recorded as the actor of what it does).
         #[arg(long)]
         name: String,
-        /// What it may do: read, trigger (read + start/cancel runs) or admin.
-        #[arg(long, value_parser = ["read", "trigger", "admin"])]
+        /// What it may do: read, trigger (read + start/cancel runs), invoke (trigger + run
+        /// ad-hoc commands on runners with `outpost invoke`) or admin (everything).
+        #[arg(long, value_parser = ["read", "trigger", "invoke", "admin"])]
         scope: String,
         /// Days until it expires; never, if not given.
         #[arg(long)]

@@ -334,6 +334,8 @@ pub enum Scope {
     Read,
     /// Read, and start and cancel runs.
     Trigger,
+    /// Trigger, and run ad-hoc commands (`outpost invoke`).
+    Invoke,
     /// Everything.
     Admin,
 }
@@ -344,6 +346,7 @@ impl Scope {
         match self {
             Scope::Read => "read",
             Scope::Trigger => "trigger",
+            Scope::Invoke => "invoke",
             Scope::Admin => "admin",
         }
     }

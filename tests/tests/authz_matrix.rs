@@ -19,10 +19,11 @@ use uuid::Uuid;
 backend_tests!(every_route_answers_every_caller_as_the_matrix_says);
 
 /// The kinds of caller, in the order of the matrix's columns.
-const CALLERS: [&str; 11] = [
+const CALLERS: [&str; 12] = [
     "none",         // no Authorization header
     "read",         // an API token with the read scope
     "trigger",      // … the trigger scope
+    "invoke",       // … the invoke scope
     "admin",        // … the admin scope
     "revoked",      // an admin token that was revoked
     "expired",      // an admin token that has expired
@@ -33,24 +34,24 @@ const CALLERS: [&str; 11] = [
     "lease_stale",  // the lease token of a job whose lease ran out (the path names that job)
 ];
 
-const PUBLIC: [u16; 11] = [200; 11];
-const READ: [u16; 11] = [401, 200, 200, 200, 401, 401, 401, 401, 401, 401, 401];
-const fn trigger(ok: u16) -> [u16; 11] {
-    [401, 403, ok, ok, 401, 401, 401, 401, 401, 401, 401]
+const PUBLIC: [u16; 12] = [200; 12];
+const READ: [u16; 12] = [401, 200, 200, 200, 200, 401, 401, 401, 401, 401, 401, 401];
+const fn trigger(ok: u16) -> [u16; 12] {
+    [401, 403, ok, ok, ok, 401, 401, 401, 401, 401, 401, 401]
 }
-const fn admin(ok: u16) -> [u16; 11] {
-    [401, 403, 403, ok, 401, 401, 401, 401, 401, 401, 401]
+const fn admin(ok: u16) -> [u16; 12] {
+    [401, 403, 403, 403, ok, 401, 401, 401, 401, 401, 401, 401]
 }
 /// Per-job runner calls: only the job's current lease gets through; any other bearer is a lease
 /// that is not current, which answers 409 so that a runner holding it stops.
-const fn lease(ok: u16) -> [u16; 11] {
-    [401, 409, 409, 409, 409, 409, 409, 409, ok, 409, 409]
+const fn lease(ok: u16) -> [u16; 12] {
+    [401, 409, 409, 409, 409, 409, 409, 409, 409, ok, 409, 409]
 }
 /// Webhooks authenticate by signature; no bearer token opens them.
-const HOOK: [u16; 11] = [401; 11];
+const HOOK: [u16; 12] = [401; 12];
 
 /// method, path (as the router and the OpenAPI document spell it), expected status per caller.
-const MATRIX: &[(&str, &str, [u16; 11])] = &[
+const MATRIX: &[(&str, &str, [u16; 12])] = &[
     ("GET", "/healthz", PUBLIC),
     ("GET", "/readyz", PUBLIC),
     ("GET", "/api/v1/openapi.json", PUBLIC),
@@ -66,6 +67,12 @@ const MATRIX: &[(&str, &str, [u16; 11])] = &[
     ("POST", "/api/v1/jobs/{id}/cancel", trigger(200)),
     ("GET", "/api/v1/jobs/{id}/log", READ),
     ("GET", "/api/v1/jobs/{id}/log/stream", READ),
+    (
+        "POST",
+        "/api/v1/invoke",
+        [401, 403, 403, 201, 201, 401, 401, 401, 401, 401, 401, 401],
+    ),
+    ("GET", "/api/v1/audit", admin(200)),
     ("GET", "/api/v1/webhook-deliveries", admin(200)),
     ("GET", "/api/v1/secrets", admin(200)),
     ("PUT", "/api/v1/secrets/{name}", admin(200)),
@@ -74,18 +81,18 @@ const MATRIX: &[(&str, &str, [u16; 11])] = &[
     (
         "POST",
         "/api/v1/runner/register",
-        [401, 401, 401, 401, 401, 401, 401, 201, 401, 401, 401],
+        [401, 401, 401, 401, 401, 401, 401, 401, 201, 401, 401, 401],
     ),
     (
         "GET",
         "/api/v1/runner/me",
-        [401, 401, 401, 401, 401, 401, 200, 401, 401, 401, 401],
+        [401, 401, 401, 401, 401, 401, 401, 200, 401, 401, 401, 401],
     ),
     ("GET", "/api/v1/runner/registration-info", PUBLIC),
     (
         "POST",
         "/api/v1/runner/acquire",
-        [401, 401, 401, 401, 401, 401, 204, 401, 401, 401, 401],
+        [401, 401, 401, 401, 401, 401, 401, 204, 401, 401, 401, 401],
     ),
     ("POST", "/api/v1/runner/jobs/{id}/heartbeat", lease(200)),
     ("PUT", "/api/v1/runner/jobs/{id}/log", lease(200)),
@@ -174,6 +181,7 @@ async fn every_route_answers_every_caller_as_the_matrix_says(backend: Backend) {
     let mut tokens: BTreeMap<&str, String> = BTreeMap::new();
     tokens.insert("read", server.token(Scope::Read).await);
     tokens.insert("trigger", server.token(Scope::Trigger).await);
+    tokens.insert("invoke", server.token(Scope::Invoke).await);
     tokens.insert("admin", admin.clone());
     let revoked = server
         .cli(&[
@@ -271,17 +279,22 @@ async fn every_route_answers_every_caller_as_the_matrix_says(backend: Backend) {
             if let Some(b) = body {
                 req = req.body(b);
             }
-            // Only the status matters; a stream's body is never read.
-            let got = req
+            let resp = req
                 .send()
                 .await
-                .unwrap_or_else(|e| panic!("{method} {url} as {caller}: {e}"))
-                .status()
-                .as_u16();
+                .unwrap_or_else(|e| panic!("{method} {url} as {caller}: {e}"));
+            let got = resp.status().as_u16();
             cells += 1;
             if got != expected[c] {
+                // A stream's body is read only when the cell failed, to say why.
+                let why = match resp.headers().get("content-type") {
+                    Some(ct) if ct.as_bytes().starts_with(b"application/json") => {
+                        resp.text().await.unwrap_or_default()
+                    }
+                    _ => String::new(),
+                };
                 failures.push(format!(
-                    "{method} {path} as {caller}: expected {}, got {got}",
+                    "{method} {path} as {caller}: expected {}, got {got} {why}",
                     expected[c]
                 ));
             }
@@ -312,6 +325,10 @@ fn request_for(method: &str, url: &str) -> (String, Option<Vec<u8>>, Option<&'st
         }
         ("POST", "/api/v1/runner/register") => (
             json(serde_json::json!({"name": "matrix-registered", "labels": ["other"]})),
+            Some("application/json"),
+        ),
+        ("POST", "/api/v1/invoke") => (
+            json(serde_json::json!({"argv": ["echo", "matrix"], "labels": ["matrix"]})),
             Some("application/json"),
         ),
         ("POST", "/api/v1/runner/acquire") => (

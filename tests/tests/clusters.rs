@@ -761,6 +761,23 @@ async fn doctor_explains_dns_tls_and_token_failures() {
         before + 1,
         "the refusal came from the stand-in"
     );
+
+    // The container health check asks only the server: it passes although the cluster's token
+    // cannot be had, and asks the identity endpoint nothing.
+    let before = identity.count();
+    let out = run_runner(&["doctor", "--server-only"], healthy.path(), &env).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        all.contains("✔ Credentials: the server accepts this runner's token"),
+        "{all}"
+    );
+    assert!(!all.contains("Token:"), "{all}");
+    assert_eq!(identity.count(), before, "no token was asked for");
+    // With the server gone it fails.
+    drop(server);
+    let out = run_runner(&["doctor", "--server-only"], healthy.path(), &env).await;
+    assert!(!out.status.success(), "{}", text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

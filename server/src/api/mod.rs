@@ -16,6 +16,7 @@ use crate::store::Store;
 pub mod error;
 pub mod extract;
 mod hooks;
+pub(crate) mod invoke;
 mod logs;
 pub mod openapi;
 mod pipelines;
@@ -82,6 +83,8 @@ pub fn route_table() -> Vec<Route> {
         route(M::POST, "/api/v1/jobs/{id}/cancel", runs::cancel_job),
         route(M::GET, "/api/v1/jobs/{id}/log", logs::get_log),
         route(M::GET, "/api/v1/jobs/{id}/log/stream", logs::stream_log),
+        route(M::POST, "/api/v1/invoke", invoke::invoke),
+        route(M::GET, "/api/v1/audit", invoke::list_audit),
         route(M::GET, "/api/v1/webhook-deliveries", hooks::list_deliveries),
         route(M::GET, "/api/v1/secrets", secrets::list),
         route(M::PUT, "/api/v1/secrets/{name}", secrets::put),

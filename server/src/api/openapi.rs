@@ -33,6 +33,8 @@ use outpost_protocol as p;
         super::runs::cancel_job,
         super::logs::get_log,
         super::logs::stream_log,
+        super::invoke::invoke,
+        super::invoke::list_audit,
         super::hooks::list_deliveries,
         super::secrets::list,
         super::secrets::put,
@@ -85,6 +87,10 @@ use outpost_protocol as p;
         p::RunnerState,
         p::Runner,
         p::RunnerList,
+        p::UploadedFile,
+        p::InvokeRequest,
+        p::AuditEvent,
+        p::AuditList,
     )),
     modifiers(&BearerSchemes),
     tags(
@@ -107,7 +113,7 @@ impl Modify for BearerSchemes {
         for (name, what) in [
             (
                 "api_token",
-                "An API token (`read`, `trigger` or `admin`), or the web UI's session cookie",
+                "An API token (`read`, `trigger`, `invoke` or `admin`), or the web UI's session cookie",
             ),
             (
                 "registration_token",

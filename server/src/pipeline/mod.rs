@@ -1066,7 +1066,7 @@ fn duration(node: &Node, what: &str) -> Result<u64, PipelineError> {
 /// The number of seconds in `text`, or `None` when it is not a duration.
 ///
 /// Units must come in the order hours, minutes, seconds, each at most once.
-fn duration_secs(text: &str) -> Option<u64> {
+pub(crate) fn duration_secs(text: &str) -> Option<u64> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         return text.parse().ok();
     }

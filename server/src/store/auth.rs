@@ -14,6 +14,8 @@ pub enum Scope {
     Read,
     /// Read, plus start and cancel runs.
     Trigger,
+    /// Trigger, plus run ad-hoc commands on runners (`outpost invoke`).
+    Invoke,
     /// Everything.
     Admin,
 }
@@ -24,6 +26,7 @@ impl Scope {
         match self {
             Scope::Read => "read",
             Scope::Trigger => "trigger",
+            Scope::Invoke => "invoke",
             Scope::Admin => "admin",
         }
     }
@@ -33,6 +36,7 @@ impl Scope {
         match s {
             "read" => Some(Scope::Read),
             "trigger" => Some(Scope::Trigger),
+            "invoke" => Some(Scope::Invoke),
             "admin" => Some(Scope::Admin),
             _ => None,
         }

@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use crate::events::Events;
 
+mod audit;
 mod auth;
 mod jobs;
 mod logs;
@@ -26,6 +27,7 @@ pub(crate) mod runs;
 mod secrets;
 mod webhooks;
 
+pub use audit::{AUDIT_INVOKE, NewInvoke};
 pub use auth::{ApiPrincipal, Scope, TokenInfo};
 pub use jobs::{ClaimRequest, Claimed, CompleteOutcome};
 pub use logs::LogChunk;

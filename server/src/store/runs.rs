@@ -311,14 +311,28 @@ impl Store {
         // The number is taken in its own short statement, so concurrent triggers of one pipeline
         // hold the pipeline row only for that instant rather than for the whole insert. A run
         // whose insert then fails leaves a gap in the numbering, nothing worse.
-        let number: Option<(i64,)> = dispatch!(self, pool => {
-            sqlx::query_as(
-                "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
-            )
-            .bind(&new.pipeline)
-            .fetch_optional(pool)
-            .await?
-        });
+        let number: Option<(i64,)> = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
+            // Invoke runs have no pipeline row: they count in a table of their own.
+            dispatch!(self, pool => {
+                sqlx::query_as(
+                    "INSERT INTO run_numbers (pipeline, next_number) VALUES ($1, 2) \
+                     ON CONFLICT (pipeline) DO UPDATE SET next_number = run_numbers.next_number + 1 \
+                     RETURNING next_number - 1",
+                )
+                .bind(&new.pipeline)
+                .fetch_optional(pool)
+                .await?
+            })
+        } else {
+            dispatch!(self, pool => {
+                sqlx::query_as(
+                    "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
+                )
+                .bind(&new.pipeline)
+                .fetch_optional(pool)
+                .await?
+            })
+        };
         let Some((number,)) = number else {
             return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
         };

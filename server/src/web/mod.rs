@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::api::{ApiError, AppState};
 use crate::store::ApiPrincipal;
 
+mod invoke;
 mod pages;
 pub mod session;
 
@@ -51,6 +52,7 @@ pub fn router() -> Router<AppState> {
         .route("/jobs/{id}", get(pages::job))
         .route("/jobs/{id}/cancel", post(pages::cancel_job))
         .route("/runners", get(pages::runners))
+        .route("/runners/invoke", post(invoke::run_command))
         .route("/pipelines", get(pages::pipelines))
         .route("/pipelines/{name}", get(pages::pipeline))
         .route("/pipelines/{name}/run", post(pages::trigger))

@@ -303,7 +303,12 @@ pub async fn run(
     let run = state.store.get_run(id).await.map_err(err)?;
     let can = user.principal.scope >= Scope::Trigger;
     let body = html! {
-        h1 { a href={ "/pipelines/" (run.pipeline) } { (run.pipeline) } " #" (run.number) " " span #run-status data-live-run=(run.id) { (badge(run.status.as_str())) } }
+        @let invoked = run.trigger.kind == TriggerKind::Invoke;
+        h1 {
+            // Invoke runs belong to no pipeline: their reserved name links nowhere.
+            @if invoked { "invoke" } @else { a href={ "/pipelines/" (run.pipeline) } { (run.pipeline) } }
+            " #" (run.number) " " span #run-status data-live-run=(run.id) { (badge(run.status.as_str())) }
+        }
         @if can {
             div.actions {
                 @if !run.status.is_final() {
@@ -311,8 +316,10 @@ pub async fn run(
                         (csrf_field(&user)) button.danger type="submit" { "Cancel run" }
                     }
                 }
-                form method="post" action={ "/runs/" (run.id) "/rerun" } {
-                    (csrf_field(&user)) button type="submit" { "Re-run" }
+                @if !invoked {
+                    form method="post" action={ "/runs/" (run.id) "/rerun" } {
+                        (csrf_field(&user)) button type="submit" { "Re-run" }
+                    }
                 }
             }
         }
@@ -462,6 +469,7 @@ pub async fn runners(State(state): State<AppState>, user: WebUser) -> PageResult
     let runners = state.store.list_runners().await.map_err(err)?;
     let body = html! {
         h1 { "Runners" }
+        @if user.principal.scope >= Scope::Invoke { (super::invoke::command_box(&user, &runners)) }
         table.runners {
             thead { tr { th { "Name" } th { "State" } th { "Labels" } th { "Pool" } th { "Version" } th { "Current job" } th { "Last seen" } } }
             tbody {
