@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 /// The error body every non-2xx JSON answer carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What went wrong.
     pub error: ErrorDetail,
@@ -18,6 +19,7 @@ pub struct ErrorBody {
 
 /// A machine-readable code and a sentence for people.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Stable, snake_case, e.g. `not_found`, `lease_lost`, `invalid_pipeline`.
     pub code: String,
@@ -35,6 +37,7 @@ pub struct ErrorDetail {
 ///
 /// `pending` is a job whose `needs` have not all succeeded yet; runners never see it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Waiting for the jobs it needs.
@@ -100,6 +103,7 @@ impl JobStatus {
 
 /// Status of a run: queued, running, then the worst of its jobs' final statuses.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// No job has started yet.
@@ -149,6 +153,7 @@ impl RunStatus {
 
 /// Status of one step, as the runner reports it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     /// Not started.
@@ -198,6 +203,7 @@ impl StepStatus {
 
 /// When a step runs, given how the job has gone so far.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum When {
     /// Only while every earlier step succeeded (the default).
@@ -211,6 +217,7 @@ pub enum When {
 
 /// What a step does.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StepAction {
     /// A script run by a shell (`bash -eo pipefail {0}` unless the step names another).
@@ -277,6 +284,7 @@ impl StepAction {
 
 /// One step of a job, resolved from the pipeline YAML.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepSpec {
     /// Zero-based position in the job.
     pub index: u32,
@@ -295,6 +303,7 @@ pub struct StepSpec {
 
 /// How a run was started.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerKind {
     /// From the web UI.
@@ -333,6 +342,7 @@ impl TriggerKind {
 
 /// What started a run, and the source coordinates its jobs work on.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TriggerInfo {
     /// How the run was started.
     pub kind: TriggerKind,
@@ -374,6 +384,7 @@ pub struct TriggerInfo {
 
 /// `POST /api/v1/runner/register` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     /// A name people recognise, e.g. the host name.
     pub name: String,
@@ -397,6 +408,7 @@ pub struct RegisterRequest {
 
 /// `GET /api/v1/runner/me`: the runner a runner token belongs to (what `doctor` checks).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerIdentity {
     /// The runner's id.
     pub runner_id: Uuid,
@@ -408,6 +420,7 @@ pub struct RunnerIdentity {
 
 /// `POST /api/v1/runner/register` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     /// The runner's id.
     pub runner_id: Uuid,
@@ -417,6 +430,7 @@ pub struct RegisterResponse {
 
 /// `GET /api/v1/runner/registration-info` answer (no authentication): how a runner may register.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegistrationInfo {
     /// Set when the server accepts Entra ID access tokens in place of a registration token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -425,6 +439,7 @@ pub struct RegistrationInfo {
 
 /// What a runner needs to ask Entra ID for a token this server accepts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EntraRegistrationInfo {
     /// The directory (tenant) the token must come from.
     pub tenant_id: String,
@@ -436,6 +451,7 @@ pub struct EntraRegistrationInfo {
 
 /// `POST /api/v1/runner/acquire` body (`{}` is valid).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AcquireRequest {
     /// How long the server may hold the request, in seconds (capped by the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -444,6 +460,7 @@ pub struct AcquireRequest {
 
 /// A lease on one job: the token is the credential for that job's calls.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lease {
     /// Fresh random token for this claim.
     pub token: String,
@@ -455,6 +472,7 @@ pub struct Lease {
 
 /// Everything a runner needs to run one job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AssignedJob {
     /// The job's id.
     pub id: Uuid,
@@ -487,6 +505,7 @@ pub struct AssignedJob {
 
 /// `POST /api/v1/runner/acquire` answer when a job was claimed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AcquireResponse {
     /// The job.
     pub job: AssignedJob,
@@ -496,6 +515,7 @@ pub struct AcquireResponse {
 
 /// `POST /api/v1/runner/jobs/{id}/heartbeat` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// The renewed expiry.
     pub expires_at: DateTime<Utc>,
@@ -505,6 +525,7 @@ pub struct HeartbeatResponse {
 
 /// `PUT /api/v1/runner/jobs/{id}/log?offset=N` answer.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogAppendResponse {
     /// The offset up to which the log is now stored.
     pub next_offset: u64,
@@ -512,6 +533,7 @@ pub struct LogAppendResponse {
 
 /// `POST /api/v1/runner/jobs/{id}/steps/{index}` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepUpdate {
     /// The new status.
     pub status: StepStatus,
@@ -524,6 +546,7 @@ pub struct StepUpdate {
 
 /// `POST /api/v1/runner/jobs/{id}/complete` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompleteRequest {
     /// `succeeded`, `failed`, `cancelled` or `timed_out`.
     pub status: JobStatus,
@@ -538,6 +561,7 @@ pub struct CompleteRequest {
 
 /// A pipeline as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Pipeline {
     /// Unique name.
     pub name: String,
@@ -556,6 +580,7 @@ pub struct Pipeline {
 
 /// `GET /api/v1/pipelines` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PipelineList {
     /// Pipelines by name.
     pub pipelines: Vec<Pipeline>,
@@ -563,6 +588,7 @@ pub struct PipelineList {
 
 /// `POST /api/v1/pipelines/{name}/runs` body; every field is optional.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TriggerRunRequest {
     /// Variables that override the pipeline's.
@@ -584,6 +610,7 @@ pub struct TriggerRunRequest {
 
 /// A run and, where asked for, its jobs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Run {
     /// UUID v7.
     pub id: Uuid,
@@ -611,6 +638,7 @@ pub struct Run {
 
 /// `GET /api/v1/runs` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunList {
     /// Newest first.
     pub runs: Vec<Run>,
@@ -621,6 +649,7 @@ pub struct RunList {
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job {
     /// UUID v7.
     pub id: Uuid,
@@ -665,6 +694,7 @@ pub struct Job {
 
 /// A step as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Step {
     /// Zero-based position.
     pub index: u32,
@@ -688,6 +718,7 @@ pub struct Step {
 
 /// State of a runner.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunnerState {
     /// Seen recently, holding no job.
@@ -702,6 +733,7 @@ pub enum RunnerState {
 
 /// A runner as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Runner {
     /// Its id.
     pub id: Uuid,
@@ -729,6 +761,7 @@ pub struct Runner {
 
 /// `GET /api/v1/runners` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerList {
     /// Runners by name.
     pub runners: Vec<Runner>,
@@ -748,6 +781,7 @@ pub const INVOKE_PIPELINE: &str = "_invoke";
 
 /// A small file uploaded with an invoke, written into the job's workspace before the command.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UploadedFile {
     /// Relative path inside the workspace, `/`-separated, without `..`.
     pub path: String,
@@ -760,6 +794,7 @@ pub struct UploadedFile {
 
 /// `POST /api/v1/invoke` body: an ad-hoc command on a runner.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InvokeRequest {
     /// The command, one word each (at least one word).
@@ -784,6 +819,7 @@ pub struct InvokeRequest {
 
 /// One audit record: who did what, when, and how it ended.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEvent {
     /// UUID v7.
     pub id: Uuid,
@@ -830,6 +866,7 @@ pub struct AuditEvent {
 
 /// `GET /api/v1/audit` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditList {
     /// Newest first.
     pub events: Vec<AuditEvent>,

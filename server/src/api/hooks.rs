@@ -11,10 +11,27 @@ use serde::Deserialize;
 
 use super::extract::Caller;
 use super::{ApiError, ApiResult, AppState};
-use crate::hooks::{self, BodyError, Inbound, ReplyBody, Source};
+use crate::hooks::{self, BodyError, HookReply, Inbound, ReplyBody, Source};
 use crate::store::{Scope, WebhookDeliveryList};
+use outpost_protocol::ErrorBody;
 
 /// `POST /hooks/github`.
+#[utoipa::path(
+    post,
+    path = "/hooks/github",
+    tag = "webhooks",
+    operation_id = "github_webhook",
+    summary = "A GitHub delivery, signed with `X-Hub-Signature-256`",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "The forge's event payload"),
+    responses(
+        (status = 200, description = "Accepted: runs started, or a redelivery", body = HookReply),
+        (status = 202, description = "Handled without starting anything, and why", body = HookReply),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 pub async fn github(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -24,6 +41,22 @@ pub async fn github(
 }
 
 /// `POST /hooks/gitlab`.
+#[utoipa::path(
+    post,
+    path = "/hooks/gitlab",
+    tag = "webhooks",
+    operation_id = "gitlab_webhook",
+    summary = "A GitLab delivery, authenticated by `X-Gitlab-Token`",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "The forge's event payload"),
+    responses(
+        (status = 200, description = "Accepted: runs started, or a redelivery", body = HookReply),
+        (status = 202, description = "Handled without starting anything, and why", body = HookReply),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 pub async fn gitlab(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -33,6 +66,22 @@ pub async fn gitlab(
 }
 
 /// `POST /hooks/azure-devops`.
+#[utoipa::path(
+    post,
+    path = "/hooks/azure-devops",
+    tag = "webhooks",
+    operation_id = "azure_devops_webhook",
+    summary = "An Azure DevOps service hook, authenticated by basic auth or a header secret",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "The forge's event payload"),
+    responses(
+        (status = 200, description = "Accepted: runs started, or a redelivery", body = HookReply),
+        (status = 202, description = "Handled without starting anything, and why", body = HookReply),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 pub async fn azure_devops(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -42,6 +91,23 @@ pub async fn azure_devops(
 }
 
 /// `POST /hooks/generic/{pipeline}`.
+#[utoipa::path(
+    post,
+    path = "/hooks/generic/{pipeline}",
+    tag = "webhooks",
+    operation_id = "generic_webhook",
+    summary = "A generic delivery for one pipeline, signed with `X-Outpost-Signature`",
+    params(("pipeline" = String, Path, description = "The pipeline to trigger")),
+    request_body(content = serde_json::Value, content_type = "application/json", description = "The forge's event payload"),
+    responses(
+        (status = 200, description = "Accepted: runs started, or a redelivery", body = HookReply),
+        (status = 202, description = "Handled without starting anything, and why", body = HookReply),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 pub async fn generic(
     State(state): State<AppState>,
     Path(pipeline): Path<String>,
@@ -93,6 +159,21 @@ struct DeliveriesQuery {
 }
 
 /// `GET /api/v1/webhook-deliveries?source=&limit=&cursor=` (admin): newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhook-deliveries",
+    tag = "admin",
+    operation_id = "list_webhook_deliveries",
+    summary = "Recorded webhook deliveries, newest first (admin)",
+    params(("source" = Option<String>, Query, description = "github, gitlab, azure_devops or generic"), ("limit" = Option<u32>, Query, description = "Page size"), ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "A page of deliveries", body = WebhookDeliveryList),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+    )
+)]
 pub async fn list_deliveries(
     State(state): State<AppState>,
     caller: Caller,

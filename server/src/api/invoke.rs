@@ -12,8 +12,8 @@ use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
 use base64::Engine as _;
 use outpost_protocol::{
-    AuditList, INVOKE_MAX_FILE_BYTES, INVOKE_MAX_TOTAL_BYTES, InvokeRequest, Run, StepAction,
-    StepSpec, TriggerInfo, TriggerKind, When,
+    AuditList, ErrorBody, INVOKE_MAX_FILE_BYTES, INVOKE_MAX_TOTAL_BYTES, InvokeRequest, Run,
+    StepAction, StepSpec, TriggerInfo, TriggerKind, When,
 };
 use serde::Deserialize;
 
@@ -32,6 +32,24 @@ const MAX_FILES: usize = 64;
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// `POST /invoke`: `201` with the run (one job, `invoke`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/invoke",
+    tag = "runs",
+    operation_id = "invoke",
+    summary = "Run an ad-hoc command on a runner (invoke)",
+    request_body(content = InvokeRequest),
+    security(("api_token" = [])),
+    responses(
+        (status = 201, description = "The queued run", body = Run),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "Conflict with the server's state", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, err(Debug))]
 pub async fn invoke(
     State(state): State<AppState>,
@@ -387,6 +405,25 @@ struct AuditQuery {
 }
 
 /// `GET /audit?kind=&limit=&cursor=`: audit records newest first (admin).
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "admin",
+    operation_id = "list_audit",
+    summary = "Audit records, newest first (admin)",
+    params(
+        ("kind" = Option<String>, Query, description = "Only records of this kind"),
+        ("limit" = Option<u32>, Query, description = "Page size"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "A page of audit records", body = AuditList),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+    )
+)]
 pub async fn list_audit(
     State(state): State<AppState>,
     caller: Caller,

@@ -23,9 +23,27 @@ use uuid::Uuid;
 use super::extract::{Caller, parse_id};
 use super::{ApiError, ApiResult, AppState};
 use crate::store::{Scope, Store};
+use outpost_protocol::ErrorBody;
 
 /// Chunks read from the database per page.
 const PAGE_CHUNKS: u32 = 8;
+
+/// One event of the log stream, as the OpenAPI document describes it (the handler builds them
+/// with axum's `Event`; this type exists only for the schema).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct LogStreamEvent {
+    /// `log`, `end` or `error`.
+    #[schema(pattern = "^(log|end|error)$")]
+    event: String,
+    /// JSON: `{"offset", "text"}` for `log`, `{"status", "exit_code", "log_size"}` for `end`,
+    /// `{"message"}` for `error`.
+    data: String,
+    /// The byte offset after this event, to send back as `Last-Event-ID`.
+    id: Option<String>,
+    /// A reconnection delay in milliseconds, if the server sets one.
+    retry: Option<u64>,
+}
 
 /// Parses `bytes=N-` (the only form a log reader needs); other forms are ignored.
 fn range_start(headers: &HeaderMap) -> Option<u64> {
@@ -72,6 +90,23 @@ fn log_body(store: Arc<Store>, job: Uuid, from: u64, to: u64) -> HttpBody {
 }
 
 /// `GET /jobs/{id}/log`: the log as `text/plain`; `Range: bytes=N-` answers `206` with the tail.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}/log",
+    tag = "runs",
+    operation_id = "get_job_log",
+    summary = "The job log as text; `Range: bytes=N-` gives the tail (read)",
+    params(("id" = String, Path, description = "The job's id (UUID)"), ("Range" = Option<String>, Header, description = "`bytes=N-`")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The whole log", body = String, content_type = "text/plain"),
+        (status = 206, description = "The log from the requested offset", body = String, content_type = "text/plain"),
+        (status = 416, description = "The offset is past the end of the log"),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+    )
+)]
 pub async fn get_log(
     State(state): State<AppState>,
     caller: Caller,
@@ -232,6 +267,22 @@ impl StreamState {
 /// Each `log` event carries `{"offset", "text"}` and has the byte offset after it as its `id`, so
 /// a client that reconnects with `Last-Event-ID` (or `?offset=`) resumes exactly where it was.
 /// The `end` event carries the final status.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}/log/stream",
+    tag = "runs",
+    operation_id = "stream_job_log",
+    summary = "The log as Server-Sent Events: existing bytes, live appends, then an `end` event (read)",
+    params(("id" = String, Path, description = "The job's id (UUID)"), ("Last-Event-ID" = Option<String>, Header, description = "A byte offset to resume from"), ("offset" = Option<u64>, Query, description = "A byte offset to resume from")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "`log` events carry `{offset, text}`; `end` carries the final status", body = LogStreamEvent, content_type = "text/event-stream"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+    )
+)]
 pub async fn stream_log(
     State(state): State<AppState>,
     caller: Caller,

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::handler::Handler;
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post, put};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
@@ -17,6 +18,7 @@ pub mod extract;
 mod hooks;
 pub(crate) mod invoke;
 mod logs;
+pub mod openapi;
 mod pipelines;
 mod runner;
 pub(crate) mod runs;
@@ -37,54 +39,106 @@ pub struct AppState {
     pub entra: Option<Arc<crate::entra::EntraVerifier>>,
 }
 
+/// One route of the HTTP surface: its method, its full path and what answers it.
+#[derive(Debug)]
+pub struct Route {
+    /// The HTTP method.
+    pub method: Method,
+    /// The full path in axum's syntax, which is also OpenAPI's (`/api/v1/runs/{id}`).
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    // Every method used below has a filter, so this cannot fail at run time.
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard HTTP method");
+    Route {
+        method,
+        path,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route outside the web UI, as one list: the router is built from it and the
+/// authorisation matrix test walks it, so a route cannot exist without being tested.
+pub fn route_table() -> Vec<Route> {
+    use Method as M;
+    vec![
+        route(M::GET, "/healthz", healthz),
+        route(M::GET, "/readyz", readyz),
+        route(M::GET, "/api/v1/openapi.json", openapi::serve),
+        route(M::GET, "/api/v1/pipelines", pipelines::list),
+        route(M::PUT, "/api/v1/pipelines/{name}", pipelines::apply),
+        route(M::GET, "/api/v1/pipelines/{name}", pipelines::get),
+        route(M::DELETE, "/api/v1/pipelines/{name}", pipelines::delete),
+        route(M::POST, "/api/v1/pipelines/{name}/runs", runs::trigger),
+        route(M::GET, "/api/v1/runs", runs::list),
+        route(M::GET, "/api/v1/runs/{id}", runs::get),
+        route(M::POST, "/api/v1/runs/{id}/cancel", runs::cancel),
+        route(M::GET, "/api/v1/jobs/{id}", runs::get_job),
+        route(M::POST, "/api/v1/jobs/{id}/cancel", runs::cancel_job),
+        route(M::GET, "/api/v1/jobs/{id}/log", logs::get_log),
+        route(M::GET, "/api/v1/jobs/{id}/log/stream", logs::stream_log),
+        route(M::POST, "/api/v1/invoke", invoke::invoke),
+        route(M::GET, "/api/v1/audit", invoke::list_audit),
+        route(M::GET, "/api/v1/webhook-deliveries", hooks::list_deliveries),
+        route(M::GET, "/api/v1/secrets", secrets::list),
+        route(M::PUT, "/api/v1/secrets/{name}", secrets::put),
+        route(M::DELETE, "/api/v1/secrets/{name}", secrets::delete),
+        route(M::GET, "/api/v1/runners", runner::list),
+        route(M::POST, "/api/v1/runner/register", runner::register),
+        route(M::GET, "/api/v1/runner/me", runner::me),
+        route(
+            M::GET,
+            "/api/v1/runner/registration-info",
+            runner::registration_info,
+        ),
+        route(M::POST, "/api/v1/runner/acquire", runner::acquire),
+        route(
+            M::POST,
+            "/api/v1/runner/jobs/{id}/heartbeat",
+            runner::heartbeat,
+        ),
+        route(M::PUT, "/api/v1/runner/jobs/{id}/log", runner::append_log),
+        route(
+            M::POST,
+            "/api/v1/runner/jobs/{id}/steps/{index}",
+            runner::update_step,
+        ),
+        route(
+            M::POST,
+            "/api/v1/runner/jobs/{id}/complete",
+            runner::complete,
+        ),
+        route(M::POST, "/hooks/github", hooks::github),
+        route(M::POST, "/hooks/gitlab", hooks::gitlab),
+        route(M::POST, "/hooks/azure-devops", hooks::azure_devops),
+        route(M::POST, "/hooks/generic/{pipeline}", hooks::generic),
+    ]
+}
+
 /// The whole HTTP surface.
+///
+/// Add a route to [`route_table`], never here: only there does the authorisation matrix see it.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.server.max_body_bytes;
-    let api = Router::new()
-        .route("/pipelines", get(pipelines::list))
-        .route(
-            "/pipelines/{name}",
-            put(pipelines::apply)
-                .get(pipelines::get)
-                .delete(pipelines::delete),
-        )
-        .route("/pipelines/{name}/runs", post(runs::trigger))
-        .route("/runs", get(runs::list))
-        .route("/runs/{id}", get(runs::get))
-        .route("/runs/{id}/cancel", post(runs::cancel))
-        .route("/jobs/{id}", get(runs::get_job))
-        .route("/jobs/{id}/cancel", post(runs::cancel_job))
-        .route("/jobs/{id}/log", get(logs::get_log))
-        .route("/jobs/{id}/log/stream", get(logs::stream_log))
-        .route("/invoke", post(invoke::invoke))
-        .route("/audit", get(invoke::list_audit))
-        .route("/webhook-deliveries", get(hooks::list_deliveries))
-        .route("/secrets", get(secrets::list))
-        .route("/secrets/{name}", put(secrets::put).delete(secrets::delete))
-        .route("/runners", get(runner::list))
-        .route("/runner/register", post(runner::register))
-        .route("/runner/me", get(runner::me))
-        .route("/runner/registration-info", get(runner::registration_info))
-        .route("/runner/acquire", post(runner::acquire))
-        .route("/runner/jobs/{id}/heartbeat", post(runner::heartbeat))
-        .route("/runner/jobs/{id}/log", put(runner::append_log))
-        .route("/runner/jobs/{id}/steps/{index}", post(runner::update_step))
-        .route("/runner/jobs/{id}/complete", post(runner::complete));
-    // Webhooks have their own body limit: forges send larger bodies than the API ever gets.
-    let hook_routes = Router::new()
-        .route("/github", post(hooks::github))
-        .route("/gitlab", post(hooks::gitlab))
-        .route("/azure-devops", post(hooks::azure_devops))
-        .route("/generic/{pipeline}", post(hooks::generic))
-        .layer(DefaultBodyLimit::max(
-            state.settings.webhooks.max_body_bytes,
-        ));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .nest("/api/v1", api)
-        .nest("/hooks", hook_routes)
-        .merge(crate::web::router())
+    let hook_max_body = state.settings.webhooks.max_body_bytes;
+    let mut app = Router::new();
+    for r in route_table() {
+        // Webhooks have their own body limit: forges send larger bodies than the API ever gets.
+        let handler = if r.path.starts_with("/hooks/") {
+            r.handler.layer(DefaultBodyLimit::max(hook_max_body))
+        } else {
+            r.handler
+        };
+        // Routes on one path merge into one method router.
+        app = app.route(r.path, handler);
+    }
+    app.merge(crate::web::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -103,8 +157,20 @@ pub fn router(state: AppState) -> Router {
 /// probe with a shorter timeout learns nothing but a timeout.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", operation_id = "healthz",
+    responses((status = 200, description = "The process is alive", body = String, content_type = "text/plain")))]
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// Ready when the database answers within [`READY_TIMEOUT`].
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/readyz", tag = "health", operation_id = "readyz",
+    responses(
+        (status = 200, description = "The database answers", body = String, content_type = "text/plain"),
+        (status = 503, description = "The database does not answer within 2 s", body = String, content_type = "text/plain"),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n"),
         Ok(Err(e)) => {

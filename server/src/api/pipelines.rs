@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use outpost_protocol::{Pipeline, PipelineList};
+use outpost_protocol::{ErrorBody, Pipeline, PipelineList};
 
 use super::extract::{Body, Caller};
 use super::{ApiError, ApiResult, AppState};
@@ -12,6 +12,24 @@ use crate::pipeline;
 use crate::store::Scope;
 
 /// `PUT /pipelines/{name}`: create or replace from YAML; `201` when new, `200` when replaced.
+#[utoipa::path(
+    put,
+    path = "/api/v1/pipelines/{name}",
+    tag = "pipelines",
+    operation_id = "apply_pipeline",
+    summary = "Create or replace a pipeline from YAML (admin)",
+    params(("name" = String, Path, description = "The pipeline's name")),
+    request_body(content = String, content_type = "application/yaml", description = "The pipeline YAML"),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "Replaced", body = Pipeline),
+        (status = 201, description = "Created", body = Pipeline),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(pipeline = %name), err(Debug))]
 pub async fn apply(
     State(state): State<AppState>,
@@ -36,6 +54,19 @@ pub async fn apply(
 }
 
 /// `GET /pipelines`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/pipelines",
+    tag = "pipelines",
+    operation_id = "list_pipelines",
+    summary = "Every pipeline (read)",
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The pipelines", body = PipelineList),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+    )
+)]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<PipelineList>> {
     caller.require(Scope::Read)?;
     Ok(Json(PipelineList {
@@ -44,6 +75,21 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 }
 
 /// `GET /pipelines/{name}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/pipelines/{name}",
+    tag = "pipelines",
+    operation_id = "get_pipeline",
+    summary = "One pipeline (read)",
+    params(("name" = String, Path, description = "The pipeline's name")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The pipeline", body = Pipeline),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -54,6 +100,21 @@ pub async fn get(
 }
 
 /// `DELETE /pipelines/{name}`: the pipeline goes, its runs stay as history.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/pipelines/{name}",
+    tag = "pipelines",
+    operation_id = "delete_pipeline",
+    summary = "Delete a pipeline; its runs stay (admin)",
+    params(("name" = String, Path, description = "The pipeline's name")),
+    security(("api_token" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,

@@ -7,8 +7,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use outpost_protocol::{
-    AcquireRequest, AcquireResponse, CompleteRequest, EntraRegistrationInfo, HeartbeatResponse,
-    LogAppendResponse, RegisterRequest, RegisterResponse, RegistrationInfo, RunnerList, StepUpdate,
+    AcquireRequest, AcquireResponse, CompleteRequest, EntraRegistrationInfo, ErrorBody,
+    HeartbeatResponse, LogAppendResponse, RegisterRequest, RegisterResponse, RegistrationInfo,
+    RunnerIdentity, RunnerList, StepUpdate,
 };
 use serde::Deserialize;
 
@@ -18,6 +19,19 @@ use crate::queue;
 use crate::store::Scope;
 
 /// `GET /runners`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runners",
+    tag = "runners",
+    operation_id = "list_runners",
+    summary = "Registered runners (read)",
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The runners", body = RunnerList),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+    )
+)]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<RunnerList>> {
     caller.require(Scope::Read)?;
     Ok(Json(RunnerList {
@@ -28,6 +42,16 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 /// `GET /runner/registration-info`: whether Entra ID registration is on, and which audience and
 /// scope a runner's token must be for. No authentication: a runner asks before it has any
 /// credential, and nothing here is secret.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runner/registration-info",
+    tag = "runners",
+    operation_id = "registration_info",
+    summary = "How a runner may register: whether Entra ID tokens are accepted, for which audience",
+    responses(
+        (status = 200, description = "Registration options", body = RegistrationInfo),
+    )
+)]
 pub async fn registration_info(State(state): State<AppState>) -> Json<RegistrationInfo> {
     Json(RegistrationInfo {
         entra: state.entra.as_ref().map(|v| EntraRegistrationInfo {
@@ -40,6 +64,21 @@ pub async fn registration_info(State(state): State<AppState>) -> Json<Registrati
 
 /// `POST /runner/register` with a registration token, or with an Entra ID access token (a bearer
 /// that is a JWT) when `[entra]` is configured.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/register",
+    tag = "runners",
+    operation_id = "register_runner",
+    summary = "Register a runner with a registration token or an Entra ID token",
+    request_body(content = RegisterRequest),
+    security(("registration_token" = [])),
+    responses(
+        (status = 201, description = "The runner's id and token", body = RegisterResponse),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, err(Debug))]
 pub async fn register(
     State(state): State<AppState>,
@@ -99,8 +138,20 @@ pub async fn register(
 }
 
 /// `GET /runner/me`: who a runner token belongs to, for `outpost-runner doctor`.
-pub async fn me(runner: RunnerCaller) -> Json<outpost_protocol::RunnerIdentity> {
-    Json(outpost_protocol::RunnerIdentity {
+#[utoipa::path(
+    get,
+    path = "/api/v1/runner/me",
+    tag = "runners",
+    operation_id = "runner_me",
+    summary = "Who a runner token belongs to",
+    security(("runner_token" = [])),
+    responses(
+        (status = 200, description = "The runner", body = RunnerIdentity),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+    )
+)]
+pub async fn me(runner: RunnerCaller) -> Json<RunnerIdentity> {
+    Json(RunnerIdentity {
         runner_id: runner.0.id,
         name: runner.0.name,
         labels: runner.0.labels,
@@ -130,6 +181,22 @@ async fn entra_principal(state: &AppState, token: &str) -> ApiResult<crate::entr
 }
 
 /// `POST /runner/acquire`: holds the request until a matching job is queued or the wait ends.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/acquire",
+    tag = "runners",
+    operation_id = "acquire_job",
+    summary = "Long poll for a job",
+    request_body(content = AcquireRequest, description = "Optional; `{}` is valid"),
+    security(("runner_token" = [])),
+    responses(
+        (status = 200, description = "A job and its lease", body = AcquireResponse),
+        (status = 204, description = "No job within the wait"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(runner.id = %runner.0.id), err(Debug))]
 pub async fn acquire(
     State(state): State<AppState>,
@@ -153,6 +220,21 @@ pub async fn acquire(
 }
 
 /// `POST /runner/jobs/{id}/heartbeat`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/jobs/{id}/heartbeat",
+    tag = "runners",
+    operation_id = "heartbeat",
+    summary = "Renew the lease",
+    params(("id" = String, Path, description = "The job's id (UUID)")),
+    security(("lease_token" = [])),
+    responses(
+        (status = 200, description = "The new expiry and whether cancellation was asked for", body = HeartbeatResponse),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+    )
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -173,6 +255,25 @@ struct OffsetQuery {
 }
 
 /// `PUT /runner/jobs/{id}/log?offset=N`: raw bytes; idempotent; `416` on a gap.
+#[utoipa::path(
+    put,
+    path = "/api/v1/runner/jobs/{id}/log",
+    tag = "runners",
+    operation_id = "append_log",
+    summary = "Append log bytes at an offset; idempotent",
+    params(("id" = String, Path, description = "The job's id (UUID)"), ("offset" = u64, Query, description = "The byte offset of the body's first byte")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "Raw log bytes"),
+    security(("lease_token" = [])),
+    responses(
+        (status = 200, description = "Where the next append starts", body = LogAppendResponse),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+        (status = 416, description = "A gap: resend from `next_offset`", body = ErrorBody),
+    )
+)]
 pub async fn append_log(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -191,6 +292,24 @@ pub async fn append_log(
 }
 
 /// `POST /runner/jobs/{id}/steps/{index}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/jobs/{id}/steps/{index}",
+    tag = "runners",
+    operation_id = "update_step",
+    summary = "Report a step's status",
+    params(("id" = String, Path, description = "The job's id (UUID)"), ("index" = u32, Path, description = "The step's zero-based index")),
+    request_body(content = StepUpdate),
+    security(("lease_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 pub async fn update_step(
     State(state): State<AppState>,
     Path((id, index)): Path<(String, String)>,
@@ -210,6 +329,24 @@ pub async fn update_step(
 }
 
 /// `POST /runner/jobs/{id}/complete`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runner/jobs/{id}/complete",
+    tag = "runners",
+    operation_id = "complete_job",
+    summary = "Finish the job",
+    params(("id" = String, Path, description = "The job's id (UUID)")),
+    request_body(content = CompleteRequest),
+    security(("lease_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The lease is not this job's current lease: stop working on the job", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job.id = %id), err(Debug))]
 pub async fn complete(
     State(state): State<AppState>,

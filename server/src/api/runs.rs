@@ -4,7 +4,9 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
-use outpost_protocol::{Job, Run, RunList, RunStatus, TriggerInfo, TriggerKind, TriggerRunRequest};
+use outpost_protocol::{
+    ErrorBody, Job, Run, RunList, RunStatus, TriggerInfo, TriggerKind, TriggerRunRequest,
+};
 use serde::Deserialize;
 
 use super::extract::{Body, Caller, parse_id};
@@ -19,6 +21,24 @@ pub fn valid_variable_name(name: &str) -> bool {
 }
 
 /// `POST /pipelines/{name}/runs`: `201` with the run.
+#[utoipa::path(
+    post,
+    path = "/api/v1/pipelines/{name}/runs",
+    tag = "runs",
+    operation_id = "trigger_run",
+    summary = "Start a run (trigger)",
+    params(("name" = String, Path, description = "The pipeline's name")),
+    request_body(content = TriggerRunRequest, description = "All fields optional; an empty body is `{}`"),
+    security(("api_token" = [])),
+    responses(
+        (status = 201, description = "The queued run", body = Run),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(pipeline = %name), err(Debug))]
 pub async fn trigger(
     State(state): State<AppState>,
@@ -68,6 +88,21 @@ struct RunsQuery {
 }
 
 /// `GET /runs?pipeline=&status=&limit=&cursor=`: newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs",
+    tag = "runs",
+    operation_id = "list_runs",
+    summary = "Runs, newest first (read)",
+    params(("pipeline" = Option<String>, Query, description = "Only this pipeline's runs"), ("status" = Option<RunStatus>, Query, description = "Only runs with this status"), ("limit" = Option<u32>, Query, description = "Page size"), ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "A page of runs", body = RunList),
+        (status = 400, description = "The request is malformed", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -100,6 +135,21 @@ pub async fn list(
 }
 
 /// `GET /runs/{id}`: the run with its jobs and steps.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}",
+    tag = "runs",
+    operation_id = "get_run",
+    summary = "A run with its jobs and steps (read)",
+    params(("id" = String, Path, description = "The run's id (UUID)")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The run", body = Run),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -110,6 +160,22 @@ pub async fn get(
 }
 
 /// `POST /runs/{id}/cancel`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/cancel",
+    tag = "runs",
+    operation_id = "cancel_run",
+    summary = "Cancel a run (trigger)",
+    params(("id" = String, Path, description = "The run's id (UUID)")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The run, cancelling", body = Run),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "Conflict with the object's state", body = ErrorBody),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -123,6 +189,21 @@ pub async fn cancel(
 }
 
 /// `GET /jobs/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}",
+    tag = "runs",
+    operation_id = "get_job",
+    summary = "A job with its steps (read)",
+    params(("id" = String, Path, description = "The job's id (UUID)")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The job", body = Job),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+    )
+)]
 pub async fn get_job(
     State(state): State<AppState>,
     caller: Caller,
@@ -133,6 +214,22 @@ pub async fn get_job(
 }
 
 /// `POST /jobs/{id}/cancel`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{id}/cancel",
+    tag = "runs",
+    operation_id = "cancel_job",
+    summary = "Cancel a job (trigger)",
+    params(("id" = String, Path, description = "The job's id (UUID)")),
+    security(("api_token" = [])),
+    responses(
+        (status = 200, description = "The job, cancelling", body = Job),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The token's scope is too small", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "Conflict with the object's state", body = ErrorBody),
+    )
+)]
 pub async fn cancel_job(
     State(state): State<AppState>,
     caller: Caller,

@@ -263,7 +263,7 @@ impl Refusal {
 }
 
 /// A run a delivery started.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StartedRun {
     /// The run's id.
     pub id: Uuid,
@@ -283,7 +283,7 @@ pub struct StartedRun {
 }
 
 /// A pipeline and a sentence about it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PipelineNote {
     /// The pipeline.
     pub pipeline: String,
@@ -292,7 +292,7 @@ pub struct PipelineNote {
 }
 
 /// The answer to a delivery that was accepted (`200`) or handled without starting anything (`202`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HookReply {
     /// `triggered`, `partial`, `no_match`, `ignored`, `ping` or `redelivery`.
     pub outcome: String,

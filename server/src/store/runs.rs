@@ -564,8 +564,17 @@ impl Store {
     async fn cancel_where(&self, run_id: Uuid, job: Option<Uuid>) -> StoreResult<()> {
         let now = Utc::now();
         let _w = self.write_guard().await;
+        // On SQLite the transaction reads before it writes; a deferred one would have to upgrade
+        // its read lock, which fails at once with "database is locked" when the database changed
+        // since the read (busy_timeout does not apply to an upgrade). Taking the write lock up
+        // front makes SQLite wait instead. Found by schemathesis with two concurrent workers.
+        let begin = if self.writes_serialised() {
+            "BEGIN IMMEDIATE"
+        } else {
+            "BEGIN"
+        };
         dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(begin).await?;
             let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE id = $1")
                 .bind(run_id)
                 .fetch_optional(&mut *tx)

@@ -21,7 +21,7 @@ use super::{Store, StoreError, StoreResult, dispatch};
 use crate::secrets::{self, SecretsKey};
 
 /// A secret as listed: never its value.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SecretInfo {
     /// The name steps see it under.
     pub name: String,
@@ -36,7 +36,7 @@ pub struct SecretInfo {
 }
 
 /// `GET /api/v1/secrets` answer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SecretList {
     /// Every secret, by name then scope (global first).
     pub secrets: Vec<SecretInfo>,

@@ -16,7 +16,7 @@ use crate::pipeline::PipelineDef;
 const RETRYABLE: &str = "('error', 'partial', 'failed')";
 
 /// One recorded delivery, as `GET /api/v1/webhook-deliveries` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct WebhookDelivery {
     /// The record's id (UUID v7, so newer records sort later).
     pub id: Uuid,
@@ -43,7 +43,7 @@ pub struct WebhookDelivery {
 }
 
 /// A page of deliveries, newest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookDeliveryList {
     /// The deliveries.
     pub deliveries: Vec<WebhookDelivery>,
