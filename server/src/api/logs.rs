@@ -132,7 +132,10 @@ struct StreamState {
 
 /// Turns bytes into text without splitting a UTF-8 character: returns the text and leaves an
 /// incomplete trailing character in `carry`. Invalid bytes become U+FFFD.
-fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
+///
+/// Public (but hidden) so that the `log_text` fuzz target in `fuzz/` can reach it.
+#[doc(hidden)]
+pub fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
     let bytes = std::mem::take(carry);
     match std::str::from_utf8(&bytes) {
         Ok(s) => s.to_string(),

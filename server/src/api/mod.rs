@@ -8,12 +8,14 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::settings::Settings;
 use crate::store::Store;
 
 pub mod error;
 pub mod extract;
+pub mod guard;
 mod hooks;
 mod logs;
 mod pipelines;
@@ -22,6 +24,8 @@ pub(crate) mod runs;
 mod secrets;
 
 pub use error::{ApiError, ApiResult};
+#[doc(hidden)]
+pub use logs::take_text;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct AppState {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.server.max_body_bytes;
+    let any_body = max_body.max(state.settings.webhooks.max_body_bytes);
+    let throttle = Arc::new(guard::AuthThrottle::new(&state.settings.server));
     let api = Router::new()
         .route("/pipelines", get(pipelines::list))
         .route(
@@ -88,6 +94,17 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(DefaultBodyLimit::max(max_body))
+        // A backstop for every route, whatever reads its body: no request body is ever larger
+        // than the largest limit above.
+        .layer(RequestBodyLimitLayer::new(any_body))
+        .layer(axum::middleware::from_fn_with_state(
+            any_body,
+            guard::declared_body_limit,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            throttle,
+            guard::throttle_failed_auth,
+        ))
         .with_state(state)
 }
 
