@@ -70,6 +70,8 @@ pub async fn run(
         shutdown.clone(),
     ));
     let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    // The peer address keys the throttling of failed authentication.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

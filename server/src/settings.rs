@@ -189,6 +189,18 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// How long shutdown waits for open requests, in seconds.
     pub shutdown_grace_secs: u64,
+    /// Failed authentications (`401` answers) from one client address within
+    /// `auth_failure_window_secs` after which the address gets `429`; `0` turns throttling off.
+    /// Default 20.
+    pub auth_failures_max: u32,
+    /// The window failed authentications are counted in, in seconds. Default 60.
+    pub auth_failure_window_secs: u64,
+    /// How long a throttled address gets `429` (with `Retry-After`), in seconds; credentials that
+    /// already authenticated from it keep working. Default 60.
+    pub auth_block_secs: u64,
+    /// Whether loopback clients are throttled too. Default false: on loopback the peer is a
+    /// local reverse proxy or the operator, and throttling it would throttle everyone behind it.
+    pub auth_throttle_loopback: bool,
 }
 
 /// Job queue settings.
@@ -324,6 +336,10 @@ impl Default for ServerSettings {
             public_url: None,
             max_body_bytes: 10 * 1024 * 1024,
             shutdown_grace_secs: 10,
+            auth_failures_max: 20,
+            auth_failure_window_secs: 60,
+            auth_block_secs: 60,
+            auth_throttle_loopback: false,
         }
     }
 }

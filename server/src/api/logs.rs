@@ -167,17 +167,44 @@ struct StreamState {
 
 /// Turns bytes into text without splitting a UTF-8 character: returns the text and leaves an
 /// incomplete trailing character in `carry`. Invalid bytes become U+FFFD.
-fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
+///
+/// Public (but hidden) so that the `log_text` fuzz target in `fuzz/` can reach it.
+#[doc(hidden)]
+pub fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
     let bytes = std::mem::take(carry);
-    match std::str::from_utf8(&bytes) {
-        Ok(s) => s.to_string(),
-        Err(e) if e.error_len().is_none() && !flush => {
-            let (good, rest) = bytes.split_at(e.valid_up_to());
-            *carry = rest.to_vec();
-            String::from_utf8_lossy(good).into_owned()
+    let mut text = String::with_capacity(bytes.len());
+    let mut rest = bytes.as_slice();
+    // Invalid sequences become U+FFFD one by one, exactly as one lossy decoding of the whole log
+    // would make them; only an incomplete character at the very end waits for the next read
+    // (decoding the whole buffer lossily at the first invalid byte would also replace a
+    // character that the next read completes).
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                text.push_str(s);
+                break;
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                text.push_str(&String::from_utf8_lossy(good));
+                match e.error_len() {
+                    Some(n) => {
+                        text.push(char::REPLACEMENT_CHARACTER);
+                        rest = &bad[n..];
+                    }
+                    None if flush => {
+                        text.push(char::REPLACEMENT_CHARACTER);
+                        break;
+                    }
+                    None => {
+                        *carry = bad.to_vec();
+                        break;
+                    }
+                }
+            }
         }
-        Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
     }
+    text
 }
 
 impl StreamState {
@@ -342,6 +369,21 @@ mod tests {
         assert_eq!(carry, &euro[..2]);
         carry.push(euro[2]);
         assert_eq!(take_text(&mut carry, false), "€");
+        assert!(carry.is_empty());
+    }
+
+    /// Found by the `log_text` fuzz target's oracle: an invalid byte before a character cut by
+    /// the read used to turn the whole buffer lossy, so the cut character became U+FFFD too.
+    #[test]
+    fn an_invalid_byte_does_not_spoil_a_cut_character() {
+        let euro = "€".as_bytes();
+        let mut carry = vec![0xff, euro[0], euro[1]];
+        assert_eq!(take_text(&mut carry, false), "\u{fffd}");
+        assert_eq!(carry, &euro[..2]);
+        carry.push(euro[2]);
+        assert_eq!(take_text(&mut carry, false), "€");
+        let mut carry = vec![b'a', 0xe2, 0x82];
+        assert_eq!(take_text(&mut carry, true), "a\u{fffd}");
         assert!(carry.is_empty());
     }
 

@@ -9,12 +9,14 @@ use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{MethodFilter, MethodRouter, on};
 use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::settings::Settings;
 use crate::store::Store;
 
 pub mod error;
 pub mod extract;
+pub mod guard;
 mod hooks;
 pub(crate) mod invoke;
 mod logs;
@@ -25,6 +27,8 @@ pub(crate) mod runs;
 mod secrets;
 
 pub use error::{ApiError, ApiResult};
+#[doc(hidden)]
+pub use logs::take_text;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -127,6 +131,8 @@ pub fn route_table() -> Vec<Route> {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.server.max_body_bytes;
     let hook_max_body = state.settings.webhooks.max_body_bytes;
+    let any_body = max_body.max(hook_max_body);
+    let throttle = Arc::new(guard::AuthThrottle::new(&state.settings.server));
     let mut app = Router::new();
     for r in route_table() {
         // Webhooks have their own body limit: forges send larger bodies than the API ever gets.
@@ -149,6 +155,17 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(DefaultBodyLimit::max(max_body))
+        // A backstop for every route, whatever reads its body: no request body is ever larger
+        // than the largest limit above.
+        .layer(RequestBodyLimitLayer::new(any_body))
+        .layer(axum::middleware::from_fn_with_state(
+            any_body,
+            guard::declared_body_limit,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            throttle,
+            guard::throttle_failed_auth,
+        ))
         .with_state(state)
 }
 

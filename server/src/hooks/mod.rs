@@ -896,6 +896,29 @@ fn event_header(source: Source, headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// Parses a delivery body as the `source` forge's module does once the delivery is verified, and
+/// returns the events it would match against the triggers (none for an ignored event or a ping).
+///
+/// This is the parsing half of [`receive`] without the database and without the signature check,
+/// so the fuzz targets in `fuzz/` can reach each forge's parser directly.
+#[doc(hidden)]
+pub fn parse_verified(
+    source: Source,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<Event>, String> {
+    let parsed = match source {
+        Source::Github => github::parse(headers, body),
+        Source::Gitlab => gitlab::parse(headers, body),
+        Source::AzureDevops => azure_devops::parse(body),
+        Source::Generic => generic::parse(body),
+    }?;
+    Ok(match parsed.action {
+        Action::Run(events) => events,
+        Action::Ignore(_) | Action::Ping(_) => Vec::new(),
+    })
+}
+
 /// A header's value as trimmed text, if present, readable and not blank.
 pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers

@@ -8,6 +8,7 @@ use outpost_protocol::{
     AssignedJob, CompleteRequest, HeartbeatResponse, Job, JobStatus, Lease, StepStatus, StepUpdate,
 };
 use sqlx::types::Json;
+use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::runs::{JOB_COLS, JobRow, STEP_COLS, StepRow, advance_run, attach_steps};
@@ -449,8 +450,10 @@ impl Store {
                 });
                 match row {
                     None => Err(StoreError::NotFound(format!("job {job_id}"))),
+                    // The stored hash is compared in constant time, like every secret.
                     Some((status, Some(h), run_id))
-                        if h == hash && status == req.status.as_str() =>
+                        if bool::from(h.as_bytes().ct_eq(hash.as_bytes()))
+                            && status == req.status.as_str() =>
                     {
                         Ok(CompleteOutcome { run_id })
                     }
