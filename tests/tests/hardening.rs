@@ -179,6 +179,7 @@ async fn register(server: &TestServer, registration: &str, label: &str) -> Regis
             version: VERSION.into(),
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
+            clusters: Vec::new(),
         })
         .await
         .expect("the runner registers")

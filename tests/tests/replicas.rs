@@ -44,6 +44,7 @@ async fn runner_on_both(a: &TestServer, b: &TestServer, name: &str) -> (Client, 
             version: outpost_tests::outpost_protocol::VERSION.to_string(),
             os: std::env::consts::OS.to_string(),
             arch: std::env::consts::ARCH.to_string(),
+            clusters: Vec::new(),
         })
         .await
         .expect("register the fake runner");

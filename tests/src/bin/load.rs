@@ -164,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 version: outpost_tests::outpost_protocol::VERSION.into(),
                 os: std::env::consts::OS.into(),
                 arch: std::env::consts::ARCH.into(),
+                clusters: Vec::new(),
             })
             .await
             .context("register a simulated runner")?;
