@@ -169,6 +169,7 @@ impl ClaimBatcher {
 
     /// Runs batches until nobody is waiting.
     async fn drain(self: std::sync::Arc<Self>, store: std::sync::Arc<Store>, lease_secs: u64) {
+        let _unstick = Unstick(self.clone());
         loop {
             let batch: Vec<Waiter> = {
                 let mut state = self.state.lock().expect("claim batcher poisoned");
@@ -200,6 +201,20 @@ impl ClaimBatcher {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Should a batch panic, lets the next claim start a new batch and answers the waiting ones with
+/// an error, instead of leaving every later claim waiting on a batch that will never run.
+struct Unstick(std::sync::Arc<ClaimBatcher>);
+
+impl Drop for Unstick {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.running = false;
+            state.pending.clear();
         }
     }
 }
