@@ -112,7 +112,7 @@ impl Store {
                     .await?
             }
             super::Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with(self.begin_write()).await?;
                 let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(CLAIM_SQLITE)
                     .bind(runner_id)
                     .bind(hash_token(&token))
@@ -209,7 +209,7 @@ impl Store {
                 }
             }
             super::Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with(self.begin_write()).await?;
                 for (i, r) in requests.iter().enumerate() {
                     let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(CLAIM_SQLITE)
                         .bind(r.runner_id)
@@ -320,7 +320,7 @@ impl Store {
             .map_err(|_| StoreError::Invalid("log_offset is too large".into()))?;
         let _w = self.write_guard().await;
         let outcome: Result<bool, StoreError> = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let held: Option<(Uuid,)> = sqlx::query_as(
                 "UPDATE jobs SET heartbeat_seen = TRUE \
                  WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 RETURNING id",
@@ -401,7 +401,7 @@ impl Store {
         let hash = hash_token(lease_token);
         let _w = self.write_guard().await;
         let done: Option<(Uuid, bool)> = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let row: Option<(Uuid,)> = sqlx::query_as(
                 "UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
                  WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 RETURNING run_id",
@@ -470,7 +470,7 @@ impl Store {
         let now = Utc::now();
         let _w = self.write_guard().await;
         let (requeued, lost): (Vec<(Uuid,)>, Vec<(Uuid, Uuid)>) = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let requeued: Vec<(Uuid,)> = sqlx::query_as(
                 "UPDATE jobs SET status = 'queued', runner_id = NULL, lease_token_hash = NULL, lease_expires_at = NULL \
                  WHERE status = 'running' AND lease_expires_at <= $1 AND heartbeat_seen = FALSE RETURNING id",

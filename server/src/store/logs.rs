@@ -90,7 +90,7 @@ impl Store {
         // The fenced UPDATE also locks the job row (PostgreSQL) for the rest of the transaction,
         // so appends to one job are serialised even across replicas.
         let result: Result<Option<u64>, StoreError> = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let held: Option<(i64,)> = sqlx::query_as(
                 "UPDATE jobs SET heartbeat_seen = TRUE \
                  WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 \

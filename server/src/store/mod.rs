@@ -187,6 +187,19 @@ impl Store {
         self.write_lock.is_some()
     }
 
+    /// How a write transaction begins. On SQLite a deferred transaction that reads before it
+    /// writes must upgrade its read lock, and that upgrade fails at once with "database is locked"
+    /// (busy_timeout does not apply) when anything wrote since the read — the pool's own set-up of
+    /// a new connection included. `BEGIN IMMEDIATE` takes the write lock up front and waits for it
+    /// instead. PostgreSQL has no such mode.
+    pub(crate) fn begin_write(&self) -> &'static str {
+        if self.writes_serialised() {
+            "BEGIN IMMEDIATE"
+        } else {
+            "BEGIN"
+        }
+    }
+
     pub(crate) async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
         match &self.write_lock {
             Some(m) => Some(m.lock().await),

@@ -48,7 +48,7 @@ impl Store {
         let now = Utc::now();
         let _w = self.write_guard().await;
         let (row, created): (PipelineRow, bool) = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let existed: Option<(String,)> = sqlx::query_as("SELECT name FROM pipelines WHERE name = $1")
                 .bind(name)
                 .fetch_optional(&mut *tx)

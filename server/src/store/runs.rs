@@ -414,7 +414,7 @@ impl Store {
             });
         }
         dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             sqlx::query(
                 "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
                  VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
@@ -564,17 +564,9 @@ impl Store {
     async fn cancel_where(&self, run_id: Uuid, job: Option<Uuid>) -> StoreResult<()> {
         let now = Utc::now();
         let _w = self.write_guard().await;
-        // On SQLite the transaction reads before it writes; a deferred one would have to upgrade
-        // its read lock, which fails at once with "database is locked" when the database changed
-        // since the read (busy_timeout does not apply to an upgrade). Taking the write lock up
-        // front makes SQLite wait instead. Found by schemathesis with two concurrent workers.
-        let begin = if self.writes_serialised() {
-            "BEGIN IMMEDIATE"
-        } else {
-            "BEGIN"
-        };
+        // Found by schemathesis with two concurrent workers: see `Store::begin_write`.
         dispatch!(self, pool => {
-            let mut tx = pool.begin_with(begin).await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE id = $1")
                 .bind(run_id)
                 .fetch_optional(&mut *tx)

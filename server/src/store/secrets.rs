@@ -170,7 +170,7 @@ impl Store {
             serde_json::json!({ "name": name, "pipeline": pipeline.filter(|p| !p.is_empty()) });
         let _w = self.write_guard().await;
         let existing: Option<(DateTime<Utc>,)> = dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             // The first secret stored writes the key check; every later one verifies against it,
             // so two processes with different keys can never both store secrets.
             sqlx::query(
@@ -247,7 +247,7 @@ impl Store {
             serde_json::json!({ "name": name, "pipeline": pipeline.filter(|p| !p.is_empty()) });
         let _w = self.write_guard().await;
         dispatch!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(self.begin_write()).await?;
             let n = sqlx::query("DELETE FROM secrets WHERE name = $1 AND pipeline = $2")
                 .bind(name)
                 .bind(scope)
