@@ -19,11 +19,44 @@ use uuid::Uuid;
 /// The PostgreSQL notification channel shared by all replicas.
 pub(crate) const CHANNEL: &str = "outpost_events";
 
+/// One job's live-log feed in this process: the wake-up channel and the shared tail.
+#[derive(Debug)]
+struct LogFeed {
+    tx: watch::Sender<u64>,
+    tail: SharedTail,
+}
+
+/// The end of one job's log as this process last read it, shared by every subscriber of the job
+/// here, so that an append is read from the database once, not once per viewer.
+///
+/// Whoever finds it older than the wake-up it is answering refreshes it, holding the lock, while
+/// the others wait and then copy from it: one database read per change, however many watch.
+#[derive(Debug, Default)]
+pub struct LogTail {
+    /// The wake-up version this tail is at least as new as.
+    pub version: u64,
+    /// Whether it was ever read.
+    pub loaded: bool,
+    /// When it was last read from the database.
+    pub read_at: Option<std::time::Instant>,
+    /// The job's status when last read.
+    pub status: Option<outpost_protocol::JobStatus>,
+    /// The job's log size when last read.
+    pub size: u64,
+    /// Offset of `bytes[0]` in the log; `start + bytes.len()` is the end read so far.
+    pub start: u64,
+    /// The last bytes of the log (at most a window's worth).
+    pub bytes: Vec<u8>,
+}
+
+/// A tail shared by the subscribers of one job.
+pub type SharedTail = std::sync::Arc<tokio::sync::Mutex<LogTail>>;
+
 /// The in-process event hub.
 #[derive(Debug)]
 pub struct Events {
     jobs: watch::Sender<u64>,
-    logs: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    logs: Mutex<HashMap<Uuid, LogFeed>>,
     pg: Option<PgPool>,
     /// Which label sets were found to have nothing queued, so idle long polls skip the query.
     pub claim_gates: crate::queue::ClaimGates,
@@ -48,12 +81,31 @@ impl Events {
         self.jobs.subscribe()
     }
 
-    /// A receiver that sees every log append or status change of `job` after this call.
-    pub fn subscribe_log(&self, job: Uuid) -> watch::Receiver<u64> {
+    /// A receiver that sees every log append or status change of `job` after this call, and the
+    /// tail of that log shared by all of this process's subscribers of the job.
+    ///
+    /// Call [`Events::unsubscribe_log`] after dropping the receiver, so the tail of a log nobody
+    /// watches any more is freed at once.
+    pub fn subscribe_log(&self, job: Uuid) -> (watch::Receiver<u64>, SharedTail) {
         let mut map = self.logs.lock().expect("events lock poisoned");
-        map.entry(job)
-            .or_insert_with(|| watch::Sender::new(0))
-            .subscribe()
+        let feed = map.entry(job).or_insert_with(|| LogFeed {
+            tx: watch::Sender::new(0),
+            tail: Default::default(),
+        });
+        (feed.tx.subscribe(), feed.tail.clone())
+    }
+
+    /// Forgets `job`'s feed if nobody subscribes to it any more.
+    pub fn unsubscribe_log(&self, job: Uuid) {
+        let mut map = self.logs.lock().expect("events lock poisoned");
+        if map.get(&job).is_some_and(|f| f.tx.receiver_count() == 0) {
+            map.remove(&job);
+        }
+    }
+
+    /// How many jobs have a live feed in this process.
+    pub fn log_feeds(&self) -> usize {
+        self.logs.lock().expect("events lock poisoned").len()
     }
 
     /// Wakes local waiters for jobs.
@@ -64,11 +116,11 @@ impl Events {
     /// Wakes local subscribers of one job's log; forgets jobs nobody watches.
     pub fn wake_log_local(&self, job: Uuid) {
         let mut map = self.logs.lock().expect("events lock poisoned");
-        if let Some(tx) = map.get(&job) {
-            if tx.receiver_count() == 0 {
+        if let Some(feed) = map.get(&job) {
+            if feed.tx.receiver_count() == 0 {
                 map.remove(&job);
             } else {
-                tx.send_modify(|v| *v = v.wrapping_add(1));
+                feed.tx.send_modify(|v| *v = v.wrapping_add(1));
             }
         }
     }

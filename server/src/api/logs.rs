@@ -22,8 +22,10 @@ use uuid::Uuid;
 
 use super::extract::{Caller, parse_id};
 use super::{ApiError, ApiResult, AppState};
+use crate::events::SharedTail;
 use crate::store::{Scope, Store};
 use outpost_protocol::ErrorBody;
+use outpost_protocol::JobStatus;
 
 /// Chunks read from the database per page.
 const PAGE_CHUNKS: u32 = 8;
@@ -160,9 +162,98 @@ struct StreamState {
     /// Bytes read but held back because they end inside a UTF-8 character.
     carry: Vec<u8>,
     rx: watch::Receiver<u64>,
+    /// The end of the log, shared with this process's other viewers of the job.
+    tail: SharedTail,
     pending: VecDeque<Event>,
     done: bool,
     shutdown: CancellationToken,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        // Let go of the feed first, so the hub sees nobody left and frees the job's tail.
+        drop(std::mem::replace(&mut self.rx, watch::channel(0).1));
+        self.store.events.unsubscribe_log(self.job);
+    }
+}
+
+/// How much of the end of a log the shared tail keeps: viewers that keep up read only from it.
+const TAIL_WINDOW: u64 = 256 * 1024;
+/// How old a tail may be when a viewer re-checks without a wake-up (a missed notification).
+const TAIL_RECHECK: Duration = Duration::from_secs(5);
+/// How long a viewer waits for a wake-up before re-checking anyway.
+const STREAM_RECHECK: Duration = Duration::from_secs(10);
+
+/// Brings `tail` up to date with wake-up `version` and copies what it holds from byte `from`
+/// into `out`.
+///
+/// The first viewer to find the tail older than its wake-up reads the database, holding the
+/// tail's lock; the others wait for it and then copy, so an append costs one read however many
+/// viewers watch. With `recheck`, a tail older than [`TAIL_RECHECK`] is read again even without a
+/// newer wake-up. Returns the job's status and log size as last read, and whether `from` was
+/// inside the tail (when it is not, the viewer is behind and reads the database itself).
+async fn read_tail(
+    store: &Store,
+    job: Uuid,
+    tail: &SharedTail,
+    version: u64,
+    recheck: bool,
+    from: u64,
+    out: &mut Vec<u8>,
+) -> Result<(JobStatus, u64, bool), ApiError> {
+    let mut t = tail.lock().await;
+    let stale = !t.loaded
+        || t.version < version
+        || (recheck && t.read_at.is_none_or(|at| at.elapsed() >= TAIL_RECHECK));
+    if stale {
+        let (status, size) = store.job_log_state(job).await?;
+        let end = t.start + t.bytes.len() as u64;
+        if size < end {
+            // Logs only grow; start again rather than serve bytes the database no longer has.
+            t.bytes.clear();
+            t.start = size;
+        } else if size > end {
+            let begin = end.max(size.saturating_sub(TAIL_WINDOW));
+            if begin > end {
+                t.bytes.clear();
+                t.start = begin;
+            }
+            let mut next = begin;
+            while next < size {
+                let chunks = store.read_log(job, next, PAGE_CHUNKS).await?;
+                if chunks.is_empty() {
+                    break;
+                }
+                for c in chunks {
+                    let start = c.start_offset.max(0) as u64;
+                    let end = start + c.data.len() as u64;
+                    if end <= next || start > next {
+                        continue;
+                    }
+                    t.bytes
+                        .extend_from_slice(&c.data[(next - start) as usize..]);
+                    next = end;
+                }
+            }
+            let excess = (t.bytes.len() as u64).saturating_sub(TAIL_WINDOW) as usize;
+            if excess > 0 {
+                t.bytes.drain(..excess);
+                t.start += excess as u64;
+            }
+        }
+        t.status = Some(status);
+        t.size = size.max(t.start + t.bytes.len() as u64);
+        t.version = t.version.max(version);
+        t.loaded = true;
+        t.read_at = Some(std::time::Instant::now());
+    }
+    let status = t.status.expect("a loaded tail has a status");
+    let end = t.start + t.bytes.len() as u64;
+    let inside = from >= t.start;
+    if inside && from < end {
+        out.extend_from_slice(&t.bytes[(from - t.start) as usize..]);
+    }
+    Ok((status, t.size, inside))
 }
 
 /// Turns bytes into text without splitting a UTF-8 character: returns the text and leaves an
@@ -209,24 +300,39 @@ pub fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
 
 impl StreamState {
     async fn next_events(&mut self) -> Result<(), ApiError> {
+        let mut recheck = false;
         loop {
-            // Mark the current version seen before reading, so an append after the read wakes us.
-            self.rx.borrow_and_update();
-            let (status, size) = self.store.job_log_state(self.job).await?;
+            // Take the current version before reading, so an append after the read wakes us.
+            let version = *self.rx.borrow_and_update();
             let from = self.offset + self.carry.len() as u64;
-            if from < size {
-                let chunks = self.store.read_log(self.job, from, PAGE_CHUNKS).await?;
+            let mut got = Vec::new();
+            let (status, size, in_tail) = read_tail(
+                &self.store,
+                self.job,
+                &self.tail,
+                version,
+                recheck,
+                from,
+                &mut got,
+            )
+            .await?;
+            recheck = false;
+            if !in_tail && from < size {
+                // Behind the shared tail (history, or a slow reader): read a page ourselves.
                 let mut next = from;
-                for c in chunks {
+                for c in self.store.read_log(self.job, from, PAGE_CHUNKS).await? {
                     let start = c.start_offset.max(0) as u64;
                     let end = start + c.data.len() as u64;
-                    if end <= next {
+                    if end <= next || start > next {
                         continue;
                     }
-                    self.carry
-                        .extend_from_slice(&c.data[(next - start) as usize..]);
+                    got.extend_from_slice(&c.data[(next - start) as usize..]);
                     next = end;
                 }
+            }
+            if !got.is_empty() {
+                let next = from + got.len() as u64;
+                self.carry.extend_from_slice(&got);
                 let held = self.carry.len();
                 let text = take_text(&mut self.carry, false);
                 let consumed = (held - self.carry.len()) as u64;
@@ -243,7 +349,7 @@ impl StreamState {
                     return Ok(());
                 }
                 if next < size {
-                    // Only part of a character in this page: read the next one at once.
+                    // Only part of a character so far: read on at once.
                     continue;
                 }
                 // Only part of a character so far: wait for the rest.
@@ -275,11 +381,11 @@ impl StreamState {
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {
-                        self.rx = self.store.events.subscribe_log(self.job);
+                        (self.rx, self.tail) = self.store.events.subscribe_log(self.job);
                     }
                 }
                 // Re-check now and then even without a wake-up, in case a notification was missed.
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = tokio::time::sleep(STREAM_RECHECK) => recheck = true,
                 _ = self.shutdown.cancelled() => {
                     self.done = true;
                     return Ok(());
@@ -327,8 +433,10 @@ pub async fn stream_log(
     let from_query = axum::extract::Query::<StreamQuery>::try_from_uri(&uri)
         .ok()
         .and_then(|q| q.0.offset);
+    let (rx, tail) = state.store.events.subscribe_log(id);
     let st = StreamState {
-        rx: state.store.events.subscribe_log(id),
+        rx,
+        tail,
         store: state.store.clone(),
         job: id,
         offset: from_header.or(from_query).unwrap_or(0),
