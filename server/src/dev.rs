@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Scope, Store};
@@ -81,7 +80,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     })?;
     // Absolute, so the runner's workspaces and the printed paths do not depend on the cwd.
     settings.data_dir = std::fs::canonicalize(&settings.data_dir)?;
-    let listener = TcpListener::bind(&settings.server.listen)
+    let listener = crate::bind(&settings.server.listen)
         .await
         .with_context(|| {
             format!(

@@ -27,6 +27,37 @@ pub mod web;
 pub use settings::Settings;
 pub use store::Store;
 
+/// The listen backlog: how many connections the kernel queues before the server accepts them.
+///
+/// std's default (128) dropped connections when thousands of runners (re)connected at once, for
+/// example after a server restart; the kernel caps it at `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (`HOST:PORT`, names resolved) with [`LISTEN_BACKLOG`], trying each address the
+/// name resolves to in turn.
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std does: a restarted server can bind while old connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 /// Connects to the configured database, applies migrations, and checks the secrets key against
 /// the stored secrets (a missing or wrong key is an error here, never a plaintext fallback).
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {

@@ -156,7 +156,7 @@ fn print_tokens(tokens: &[TokenInfo]) {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&settings.server.listen)
+    let listener = outpost_server::bind(&settings.server.listen)
         .await
         .with_context(|| format!("could not listen on {}", settings.server.listen))?;
     let store = open_store(&settings).await?;
