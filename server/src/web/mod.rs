@@ -13,10 +13,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
 use sha2::{Digest, Sha256};
 
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, AppState, Route, route};
 use crate::store::ApiPrincipal;
 
 mod invoke;
@@ -40,26 +39,42 @@ pub fn asset_version() -> &'static str {
     })
 }
 
+/// Every route of the web UI, as one list: [`router`] is built from it and the web authorisation
+/// matrix (`tests/tests/web_authz_matrix.rs`) walks it, so a page or form cannot exist without
+/// deciding who may open or post it.
+pub fn route_table() -> Vec<Route> {
+    use Method as M;
+    vec![
+        route(M::GET, "/", pages::runs),
+        route(M::GET, "/login", pages::login_form),
+        route(M::POST, "/login", pages::login),
+        route(M::POST, "/logout", pages::logout),
+        route(M::GET, "/runs/{id}", pages::run),
+        route(M::POST, "/runs/{id}/cancel", pages::cancel_run),
+        route(M::POST, "/runs/{id}/rerun", pages::rerun),
+        route(M::GET, "/jobs/{id}", pages::job),
+        route(M::POST, "/jobs/{id}/cancel", pages::cancel_job),
+        route(M::GET, "/runners", pages::runners),
+        route(M::POST, "/runners/invoke", invoke::run_command),
+        route(M::GET, "/pipelines", pages::pipelines),
+        route(M::GET, "/pipelines/{name}", pages::pipeline),
+        route(M::POST, "/pipelines/{name}/run", pages::trigger),
+        route(M::GET, "/webhooks", pages::webhooks),
+        route(M::GET, "/static/app.css", css),
+        route(M::GET, "/static/app.js", js),
+    ]
+}
+
 /// The web routes, merged into the API router.
+///
+/// Add a route to [`route_table`], never here: only there does the web matrix see it.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(pages::runs))
-        .route("/login", get(pages::login_form).post(pages::login))
-        .route("/logout", post(pages::logout))
-        .route("/runs/{id}", get(pages::run))
-        .route("/runs/{id}/cancel", post(pages::cancel_run))
-        .route("/runs/{id}/rerun", post(pages::rerun))
-        .route("/jobs/{id}", get(pages::job))
-        .route("/jobs/{id}/cancel", post(pages::cancel_job))
-        .route("/runners", get(pages::runners))
-        .route("/runners/invoke", post(invoke::run_command))
-        .route("/pipelines", get(pages::pipelines))
-        .route("/pipelines/{name}", get(pages::pipeline))
-        .route("/pipelines/{name}/run", post(pages::trigger))
-        .route("/webhooks", get(pages::webhooks))
-        .route("/static/app.css", get(css))
-        .route("/static/app.js", get(js))
-        .layer(axum::middleware::from_fn(security_headers))
+    let mut app = Router::new();
+    for r in route_table() {
+        // Routes on one path merge into one method router.
+        app = app.route(r.path, r.handler);
+    }
+    app.layer(axum::middleware::from_fn(security_headers))
 }
 
 async fn security_headers(req: Request, next: Next) -> Response {
