@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use axum::Router;
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use sha2::{Digest, Sha256};
@@ -159,6 +159,55 @@ pub fn cookie_token(parts: &Parts, state: &AppState) -> Option<Result<String, Ap
     Some(Ok(s.token))
 }
 
+/// Whether a browser sent this request from another site: its `Origin` header, which browsers
+/// send with every form `POST`, names neither the host the request was sent to (`Host`, or a
+/// proxy's `X-Forwarded-Host`) nor `server.public_url`.
+///
+/// The CSRF token already guards the forms of a session; this guards the sign-in form too, which
+/// has no session yet, so another site (a sibling subdomain included, which `SameSite` does not
+/// stop) cannot sign a browser in with the attacker's token.
+/// A request without `Origin` (curl, scripts) is not cross-site: only a browser sends one.
+fn cross_site(headers: &HeaderMap, state: &AppState) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let Some(origin) = origin.to_str().ok().and_then(authority) else {
+        // `null` (a sandboxed frame, a privacy-minded redirect) or garbage: no site of ours.
+        return true;
+    };
+    let host = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+    };
+    let ours = [
+        host(header::HOST),
+        host(header::HeaderName::from_static("x-forwarded-host")),
+        state
+            .settings
+            .server
+            .public_url
+            .as_deref()
+            .and_then(authority),
+    ];
+    !ours.iter().flatten().any(|o| *o == origin)
+}
+
+/// The `host[:port]` of an absolute URL, lowercase, without the scheme's default port.
+fn authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let auth = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    let auth = auth.strip_suffix(default).unwrap_or(&auth).to_string();
+    (!auth.is_empty()).then_some(auth)
+}
+
 /// A signed-in person; pages that need one redirect to `/login` without it.
 pub struct WebUser {
     /// Who, with which scope.
@@ -181,6 +230,10 @@ impl WebUser {
         }
     }
 }
+
+/// Why a form sent from another site is refused.
+const CROSS_SITE: &str =
+    "this form was sent from another site: open Outpost at its own address and use its form";
 
 /// A state change refused with `403` and a sentence saying why.
 #[derive(Debug)]
@@ -205,6 +258,12 @@ impl FromRequestParts<AppState> for WebUser {
             let next: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
             Redirect::to(&format!("/login?next={next}")).into_response()
         };
+        if parts.method != Method::GET
+            && parts.method != Method::HEAD
+            && cross_site(&parts.headers, state)
+        {
+            return Err(Refusal(CROSS_SITE).into());
+        }
         let Some(s) = raw_session(parts, state) else {
             return Err(to_login());
         };
@@ -218,5 +277,28 @@ impl FromRequestParts<AppState> for WebUser {
             Ok(None) => Err(to_login()),
             Err(e) => Err(ApiError::from(e).into_response()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority;
+
+    #[test]
+    fn authority_drops_the_scheme_path_and_default_port() {
+        assert_eq!(
+            authority("https://CI.example.com").as_deref(),
+            Some("ci.example.com")
+        );
+        assert_eq!(
+            authority("https://ci.example.com:443/x").as_deref(),
+            Some("ci.example.com")
+        );
+        assert_eq!(
+            authority("http://127.0.0.1:8080").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(authority("null"), None);
+        assert_eq!(authority("ftp://x"), None);
     }
 }
