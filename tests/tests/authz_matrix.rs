@@ -3,6 +3,9 @@
 //! The matrix is data ([`MATRIX`]); the test walks the router's own route table and the served
 //! OpenAPI document, and fails when either names a route the matrix has no row for (or the other
 //! way round), so a new route cannot ship without deciding who may call it.
+//! Two columns are the web UI's session cookie, which the API accepts in place of a bearer token
+//! (the page script calls it that way): with its CSRF header it may do what its token may, and
+//! without the header it may only read.
 //! Each cell runs against fresh objects (a pipeline, two claimed jobs, a secret), so cells that
 //! change state (cancel, complete, delete) cannot affect each other.
 
@@ -19,39 +22,65 @@ use uuid::Uuid;
 backend_tests!(every_route_answers_every_caller_as_the_matrix_says);
 
 /// The kinds of caller, in the order of the matrix's columns.
-const CALLERS: [&str; 12] = [
-    "none",         // no Authorization header
-    "read",         // an API token with the read scope
-    "trigger",      // … the trigger scope
-    "invoke",       // … the invoke scope
-    "admin",        // … the admin scope
-    "revoked",      // an admin token that was revoked
-    "expired",      // an admin token that has expired
-    "runner",       // a runner token
-    "registration", // a registration token
-    "lease",        // the current lease token of the job in the path
-    "lease_other",  // the current lease token of a different job
-    "lease_stale",  // the lease token of a job whose lease ran out (the path names that job)
+const CALLERS: [&str; 14] = [
+    "none",            // no Authorization header
+    "read",            // an API token with the read scope
+    "trigger",         // … the trigger scope
+    "invoke",          // … the invoke scope
+    "admin",           // … the admin scope
+    "revoked",         // an admin token that was revoked
+    "expired",         // an admin token that has expired
+    "runner",          // a runner token
+    "registration",    // a registration token
+    "lease",           // the current lease token of the job in the path
+    "lease_other",     // the current lease token of a different job
+    "lease_stale",     // the lease token of a job whose lease ran out (the path names that job)
+    "session",         // an admin's web session cookie and its `X-CSRF-Token`, no Authorization
+    "session_no_csrf", // the same cookie without the CSRF header
 ];
 
-const PUBLIC: [u16; 12] = [200; 12];
-const READ: [u16; 12] = [401, 200, 200, 200, 200, 401, 401, 401, 401, 401, 401, 401];
-const fn trigger(ok: u16) -> [u16; 12] {
-    [401, 403, ok, ok, ok, 401, 401, 401, 401, 401, 401, 401]
+const PUBLIC: [u16; 14] = [200; 14];
+/// Reading needs no CSRF header, so the session cookie reads without one.
+const READ: [u16; 14] = [
+    401, 200, 200, 200, 200, 401, 401, 401, 401, 401, 401, 401, 200, 200,
+];
+const ADMIN_READ: [u16; 14] = [
+    401, 403, 403, 403, 200, 401, 401, 401, 401, 401, 401, 401, 200, 200,
+];
+/// A change through the session cookie needs the CSRF header.
+const fn trigger(ok: u16) -> [u16; 14] {
+    [
+        401, 403, ok, ok, ok, 401, 401, 401, 401, 401, 401, 401, ok, 403,
+    ]
 }
-const fn admin(ok: u16) -> [u16; 12] {
-    [401, 403, 403, 403, ok, 401, 401, 401, 401, 401, 401, 401]
+const fn admin(ok: u16) -> [u16; 14] {
+    [
+        401, 403, 403, 403, ok, 401, 401, 401, 401, 401, 401, 401, ok, 403,
+    ]
+}
+/// The columns of the runner token and the registration token.
+const RUNNER: usize = 7;
+const REGISTRATION: usize = 8;
+/// Runner routes open only to the bearer token in column `col`: a session cookie is no
+/// credential there.
+const fn runner_only(col: usize, ok: u16) -> [u16; 14] {
+    let mut row = [401; 14];
+    row[col] = ok;
+    row
 }
 /// Per-job runner calls: only the job's current lease gets through; any other bearer is a lease
 /// that is not current, which answers 409 so that a runner holding it stops.
-const fn lease(ok: u16) -> [u16; 12] {
-    [401, 409, 409, 409, 409, 409, 409, 409, 409, ok, 409, 409]
+/// A request with no bearer (a session cookie) is unauthenticated.
+const fn lease(ok: u16) -> [u16; 14] {
+    [
+        401, 409, 409, 409, 409, 409, 409, 409, 409, ok, 409, 409, 401, 401,
+    ]
 }
-/// Webhooks authenticate by signature; no bearer token opens them.
-const HOOK: [u16; 12] = [401; 12];
+/// Webhooks authenticate by signature; no bearer token or cookie opens them.
+const HOOK: [u16; 14] = [401; 14];
 
 /// method, path (as the router and the OpenAPI document spell it), expected status per caller.
-const MATRIX: &[(&str, &str, [u16; 12])] = &[
+const MATRIX: &[(&str, &str, [u16; 14])] = &[
     ("GET", "/healthz", PUBLIC),
     ("GET", "/readyz", PUBLIC),
     ("GET", "/api/v1/openapi.json", PUBLIC),
@@ -70,30 +99,24 @@ const MATRIX: &[(&str, &str, [u16; 12])] = &[
     (
         "POST",
         "/api/v1/invoke",
-        [401, 403, 403, 201, 201, 401, 401, 401, 401, 401, 401, 401],
+        [
+            401, 403, 403, 201, 201, 401, 401, 401, 401, 401, 401, 401, 201, 403,
+        ],
     ),
-    ("GET", "/api/v1/audit", admin(200)),
-    ("GET", "/api/v1/webhook-deliveries", admin(200)),
-    ("GET", "/api/v1/secrets", admin(200)),
+    ("GET", "/api/v1/audit", ADMIN_READ),
+    ("GET", "/api/v1/webhook-deliveries", ADMIN_READ),
+    ("GET", "/api/v1/secrets", ADMIN_READ),
     ("PUT", "/api/v1/secrets/{name}", admin(200)),
     ("DELETE", "/api/v1/secrets/{name}", admin(204)),
     ("GET", "/api/v1/runners", READ),
     (
         "POST",
         "/api/v1/runner/register",
-        [401, 401, 401, 401, 401, 401, 401, 401, 201, 401, 401, 401],
+        runner_only(REGISTRATION, 201),
     ),
-    (
-        "GET",
-        "/api/v1/runner/me",
-        [401, 401, 401, 401, 401, 401, 401, 200, 401, 401, 401, 401],
-    ),
+    ("GET", "/api/v1/runner/me", runner_only(RUNNER, 200)),
     ("GET", "/api/v1/runner/registration-info", PUBLIC),
-    (
-        "POST",
-        "/api/v1/runner/acquire",
-        [401, 401, 401, 401, 401, 401, 401, 204, 401, 401, 401, 401],
-    ),
+    ("POST", "/api/v1/runner/acquire", runner_only(RUNNER, 204)),
     ("POST", "/api/v1/runner/jobs/{id}/heartbeat", lease(200)),
     ("PUT", "/api/v1/runner/jobs/{id}/log", lease(200)),
     ("POST", "/api/v1/runner/jobs/{id}/steps/{index}", lease(204)),
@@ -212,6 +235,7 @@ async fn every_route_answers_every_caller_as_the_matrix_says(backend: Backend) {
     tokens.insert("registration", registration);
     let runner_token = runner_token(&server, &tokens["registration"]).await;
     tokens.insert("runner", runner_token.clone());
+    let session = WebSession::sign_in(&server, &admin).await;
 
     // A stale lease: claimed, heartbeaten once (so the job counts as started and is not
     // re-queued), then left to run out; the job ends `lost`.
@@ -240,6 +264,7 @@ async fn every_route_answers_every_caller_as_the_matrix_says(backend: Backend) {
                 "lease" => Some(cell.lease.clone()),
                 "lease_other" => Some(cell.other_lease.clone()),
                 "lease_stale" => Some(stale.lease.clone()),
+                "session" | "session_no_csrf" => None,
                 other => Some(tokens[other].clone()),
             };
             // The stale lease is presented for its own job, so that only its staleness is wrong.
@@ -272,6 +297,12 @@ async fn every_route_answers_every_caller_as_the_matrix_says(backend: Backend) {
             let mut req = http.request(method.parse().unwrap(), server.api(&url));
             if let Some(t) = token {
                 req = req.bearer_auth(t);
+            }
+            if caller.starts_with("session") {
+                req = req.header("cookie", &session.cookie);
+            }
+            if *caller == "session" {
+                req = req.header("x-csrf-token", &session.csrf);
             }
             if let Some(ct) = content_type {
                 req = req.header("content-type", ct);
@@ -480,6 +511,58 @@ async fn runner_token(server: &TestServer, registration: &str) -> String {
         .as_str()
         .expect("a runner token")
         .to_string()
+}
+
+/// A web UI session: the `Cookie` header a signed-in browser sends, and the CSRF token its pages
+/// hand to the page script.
+struct WebSession {
+    cookie: String,
+    csrf: String,
+}
+
+impl WebSession {
+    /// Signs in through the web UI's form with `token`.
+    async fn sign_in(server: &TestServer, token: &str) -> WebSession {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a client can be built");
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .append_pair("next", "/")
+            .finish();
+        let resp = http
+            .post(server.api("/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form)
+            .send()
+            .await
+            .expect("POST /login");
+        assert_eq!(resp.status(), 303, "signing in to the web UI");
+        let cookie = resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let page = http
+            .get(server.api("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .expect("GET /")
+            .text()
+            .await
+            .unwrap();
+        let marker = r#"<meta name="csrf-token" content=""#;
+        let start = page.find(marker).expect("the page carries a CSRF token") + marker.len();
+        let len = page[start..].find('"').expect("the attribute ends");
+        WebSession {
+            csrf: page[start..start + len].to_string(),
+            cookie,
+        }
+    }
 }
 
 /// The token printed by `token create` (its last word).

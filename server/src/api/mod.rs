@@ -50,10 +50,11 @@ pub struct Route {
     pub method: Method,
     /// The full path in axum's syntax, which is also OpenAPI's (`/api/v1/runs/{id}`).
     pub path: &'static str,
-    handler: MethodRouter<AppState>,
+    pub(crate) handler: MethodRouter<AppState>,
 }
 
-fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+/// A [`Route`] answered by `handler`; the web UI's table (`web::route_table`) uses it too.
+pub(crate) fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
 where
     H: Handler<T, AppState>,
     T: 'static,

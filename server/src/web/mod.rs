@@ -10,13 +10,12 @@ use std::sync::OnceLock;
 use axum::Router;
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
 use sha2::{Digest, Sha256};
 
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, AppState, Route, route};
 use crate::store::ApiPrincipal;
 
 mod invoke;
@@ -40,26 +39,42 @@ pub fn asset_version() -> &'static str {
     })
 }
 
+/// Every route of the web UI, as one list: [`router`] is built from it and the web authorisation
+/// matrix (`tests/tests/web_authz_matrix.rs`) walks it, so a page or form cannot exist without
+/// deciding who may open or post it.
+pub fn route_table() -> Vec<Route> {
+    use Method as M;
+    vec![
+        route(M::GET, "/", pages::runs),
+        route(M::GET, "/login", pages::login_form),
+        route(M::POST, "/login", pages::login),
+        route(M::POST, "/logout", pages::logout),
+        route(M::GET, "/runs/{id}", pages::run),
+        route(M::POST, "/runs/{id}/cancel", pages::cancel_run),
+        route(M::POST, "/runs/{id}/rerun", pages::rerun),
+        route(M::GET, "/jobs/{id}", pages::job),
+        route(M::POST, "/jobs/{id}/cancel", pages::cancel_job),
+        route(M::GET, "/runners", pages::runners),
+        route(M::POST, "/runners/invoke", invoke::run_command),
+        route(M::GET, "/pipelines", pages::pipelines),
+        route(M::GET, "/pipelines/{name}", pages::pipeline),
+        route(M::POST, "/pipelines/{name}/run", pages::trigger),
+        route(M::GET, "/webhooks", pages::webhooks),
+        route(M::GET, "/static/app.css", css),
+        route(M::GET, "/static/app.js", js),
+    ]
+}
+
 /// The web routes, merged into the API router.
+///
+/// Add a route to [`route_table`], never here: only there does the web matrix see it.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(pages::runs))
-        .route("/login", get(pages::login_form).post(pages::login))
-        .route("/logout", post(pages::logout))
-        .route("/runs/{id}", get(pages::run))
-        .route("/runs/{id}/cancel", post(pages::cancel_run))
-        .route("/runs/{id}/rerun", post(pages::rerun))
-        .route("/jobs/{id}", get(pages::job))
-        .route("/jobs/{id}/cancel", post(pages::cancel_job))
-        .route("/runners", get(pages::runners))
-        .route("/runners/invoke", post(invoke::run_command))
-        .route("/pipelines", get(pages::pipelines))
-        .route("/pipelines/{name}", get(pages::pipeline))
-        .route("/pipelines/{name}/run", post(pages::trigger))
-        .route("/webhooks", get(pages::webhooks))
-        .route("/static/app.css", get(css))
-        .route("/static/app.js", get(js))
-        .layer(axum::middleware::from_fn(security_headers))
+    let mut app = Router::new();
+    for r in route_table() {
+        // Routes on one path merge into one method router.
+        app = app.route(r.path, r.handler);
+    }
+    app.layer(axum::middleware::from_fn(security_headers))
 }
 
 async fn security_headers(req: Request, next: Next) -> Response {
@@ -144,6 +159,55 @@ pub fn cookie_token(parts: &Parts, state: &AppState) -> Option<Result<String, Ap
     Some(Ok(s.token))
 }
 
+/// Whether a browser sent this request from another site: its `Origin` header, which browsers
+/// send with every form `POST`, names neither the host the request was sent to (`Host`, or a
+/// proxy's `X-Forwarded-Host`) nor `server.public_url`.
+///
+/// The CSRF token already guards the forms of a session; this guards the sign-in form too, which
+/// has no session yet, so another site (a sibling subdomain included, which `SameSite` does not
+/// stop) cannot sign a browser in with the attacker's token.
+/// A request without `Origin` (curl, scripts) is not cross-site: only a browser sends one.
+fn cross_site(headers: &HeaderMap, state: &AppState) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let Some(origin) = origin.to_str().ok().and_then(authority) else {
+        // `null` (a sandboxed frame, a privacy-minded redirect) or garbage: no site of ours.
+        return true;
+    };
+    let host = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+    };
+    let ours = [
+        host(header::HOST),
+        host(header::HeaderName::from_static("x-forwarded-host")),
+        state
+            .settings
+            .server
+            .public_url
+            .as_deref()
+            .and_then(authority),
+    ];
+    !ours.iter().flatten().any(|o| *o == origin)
+}
+
+/// The `host[:port]` of an absolute URL, lowercase, without the scheme's default port.
+fn authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let auth = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    let auth = auth.strip_suffix(default).unwrap_or(&auth).to_string();
+    (!auth.is_empty()).then_some(auth)
+}
+
 /// A signed-in person; pages that need one redirect to `/login` without it.
 pub struct WebUser {
     /// Who, with which scope.
@@ -166,6 +230,10 @@ impl WebUser {
         }
     }
 }
+
+/// Why a form sent from another site is refused.
+const CROSS_SITE: &str =
+    "this form was sent from another site: open Outpost at its own address and use its form";
 
 /// A state change refused with `403` and a sentence saying why.
 #[derive(Debug)]
@@ -190,6 +258,12 @@ impl FromRequestParts<AppState> for WebUser {
             let next: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
             Redirect::to(&format!("/login?next={next}")).into_response()
         };
+        if parts.method != Method::GET
+            && parts.method != Method::HEAD
+            && cross_site(&parts.headers, state)
+        {
+            return Err(Refusal(CROSS_SITE).into());
+        }
         let Some(s) = raw_session(parts, state) else {
             return Err(to_login());
         };
@@ -203,5 +277,28 @@ impl FromRequestParts<AppState> for WebUser {
             Ok(None) => Err(to_login()),
             Err(e) => Err(ApiError::from(e).into_response()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority;
+
+    #[test]
+    fn authority_drops_the_scheme_path_and_default_port() {
+        assert_eq!(
+            authority("https://CI.example.com").as_deref(),
+            Some("ci.example.com")
+        );
+        assert_eq!(
+            authority("https://ci.example.com:443/x").as_deref(),
+            Some("ci.example.com")
+        );
+        assert_eq!(
+            authority("http://127.0.0.1:8080").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(authority("null"), None);
+        assert_eq!(authority("ftp://x"), None);
     }
 }

@@ -164,6 +164,9 @@ pub async fn login(
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> PageResult {
+    if super::cross_site(&headers, &state) {
+        return Err(Refusal(super::CROSS_SITE).into());
+    }
     let next = safe_next(f.next.as_deref()).to_string();
     let token = f.token.trim();
     let principal = state.store.authenticate_api(token).await.map_err(err)?;
