@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -76,6 +75,86 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(store))
 }
 
+/// The smallest read buffer hyper accepts, and the default `server.read_buffer_max_bytes`.
+///
+/// hyper's own default (about 400 KiB) lets the read buffer of every connection double to 16 KiB
+/// after its first request, and a long-polling runner holds its connection for minutes: with
+/// 10,000 runners that alone was 160 MiB.
+pub const READ_BUFFER_MIN: usize = 8 * 1024;
+
+/// How long a client may take to send a request's head; slower connections are closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then waits for open requests to end.
+///
+/// Like `axum::serve`, but with hyper's connection settings chosen for thousands of idle long polls
+/// (`server.read_buffer_max_bytes`, [`HEADER_READ_TIMEOUT`]), open requests given at most
+/// `server.shutdown_grace_secs` to end, and the peer address as axum's `ConnectInfo` (it keys the
+/// throttling of failed authentication).
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    server: &settings::ServerSettings,
+    shutdown: CancellationToken,
+) {
+    use axum::extract::ConnectInfo;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(server.read_buffer_max_bytes.max(READ_BUFFER_MIN));
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let service =
+            app.clone()
+                .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req
+                });
+        let builder = builder.clone();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let grace = Duration::from_secs(server.shutdown_grace_secs);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "requests still open after the shutdown grace period; closing them"
+        );
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` is cancelled.
 pub async fn run(
     settings: Settings,
@@ -101,12 +180,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
-    // The peer address keys the throttling of failed authentication.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("the HTTP server failed")?;
+    serve(listener, app, &settings.server, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::join!(listen, reaper);
     store.close().await;

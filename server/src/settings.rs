@@ -187,8 +187,14 @@ pub struct ServerSettings {
     pub public_url: Option<String>,
     /// Largest request body accepted, in bytes; larger ones answer `413`. Default 10 MiB.
     pub max_body_bytes: usize,
-    /// How long shutdown waits for open requests, in seconds.
+    /// How long shutdown waits for open requests, in seconds; then their connections are closed.
+    /// Default 10.
     pub shutdown_grace_secs: u64,
+    /// The most a connection's read buffer grows to, in bytes (at least 8192). Request heads must
+    /// fit in it, and larger bodies are read in pieces of this size. Default 8192: every idle
+    /// long-polling runner holds one, so a larger buffer costs memory per runner (16 KiB each at
+    /// hyper's default) for slightly faster large log appends.
+    pub read_buffer_max_bytes: usize,
     /// Failed authentications (`401` answers) from one client address within
     /// `auth_failure_window_secs` after which the address gets `429`; `0` turns throttling off.
     /// Default 20.
@@ -336,6 +342,7 @@ impl Default for ServerSettings {
             public_url: None,
             max_body_bytes: 10 * 1024 * 1024,
             shutdown_grace_secs: 10,
+            read_buffer_max_bytes: crate::READ_BUFFER_MIN,
             auth_failures_max: 20,
             auth_failure_window_secs: 60,
             auth_block_secs: 60,

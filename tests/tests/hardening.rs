@@ -300,11 +300,21 @@ async fn every_kind_of_route_refuses_an_oversized_body(backend: Backend) {
             vec![b'a'; 2 * API_LIMIT].into(),
         )
         .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:?}"));
         assert_eq!(
             declared.status(),
             StatusCode::PAYLOAD_TOO_LARGE,
             "{method} {path} with a declared oversized body"
+        );
+        // The unread rest of the body spoils the connection: the answer must say it closes it,
+        // or a pooling client sends its next request into a closing connection.
+        assert_eq!(
+            declared
+                .headers()
+                .get(reqwest::header::CONNECTION)
+                .and_then(|v| v.to_str().ok()),
+            Some("close"),
+            "{method} {path}: a 413 answer closes the connection"
         );
         let body = declared.text().await.unwrap();
         assert!(

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, COOKIE, RETRY_AFTER};
+use axum::http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -28,15 +28,24 @@ pub async fn declared_body_limit(State(limit): State<usize>, req: Request, next:
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return ApiError::new(
+    let mut resp = if declared.is_some_and(|n| n > limit as u64) {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             "the request body is larger than the server accepts (server.max_body_bytes)",
         )
-        .into_response();
+        .into_response()
+    } else {
+        next.run(req).await
+    };
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body was never read, so the connection cannot carry another request:
+        // say so, or a client that pools it sends its next request into a closing connection
+        // (and gets "connection closed before message completed" instead of an answer).
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    next.run(req).await
+    resp
 }
 
 /// How many client addresses are tracked at most; the map never grows past this.
