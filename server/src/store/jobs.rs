@@ -11,7 +11,9 @@ use sqlx::types::Json;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::runs::{JOB_COLS, JobRow, STEP_COLS, StepRow, advance_run, attach_steps};
+use super::runs::{
+    JOB_COLS, JobRow, RUN_PROGRESS, RunProgress, STEP_COLS, StepRow, advance_run, attach_steps,
+};
 use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token};
 
 /// A job claimed for a runner.
@@ -437,7 +439,20 @@ impl Store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    let queued = advance_run!(self, tx, run_id, now)?;
+                    // PostgreSQL: a completion that changes nothing but its own job (the run
+                    // is running, no job waits on `needs`, others are still open) takes no lock
+                    // on the run row, so the jobs of one run complete in parallel instead of one
+                    // commit after another; `settle_run` below catches the last ones.
+                    let quiet = if self.writes_serialised() {
+                        false
+                    } else {
+                        let progress: RunProgress = sqlx::query_as(RUN_PROGRESS)
+                            .bind(run_id)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        progress.quiet()
+                    };
+                    let queued = if quiet { false } else { advance_run!(self, tx, run_id, now)? };
                     tx.commit().await?;
                     Some((run_id, queued))
                 }
@@ -447,6 +462,13 @@ impl Store {
         drop(_w);
         match done {
             Some((run_id, queued)) => {
+                // Two jobs completing at once without the run's lock may each have seen the
+                // other still running; whichever committed last sees both ended here.
+                let queued = if self.writes_serialised() {
+                    queued
+                } else {
+                    self.settle_run(run_id).await? || queued
+                };
                 if queued {
                     self.events.publish_jobs().await;
                 }
@@ -520,11 +542,24 @@ impl Store {
             (requeued, lost)
         });
         drop(_w);
-        if !requeued.is_empty() {
-            tracing::warn!(
-                count = requeued.len(),
-                "requeued jobs whose runner never confirmed them"
-            );
+        let mut queued_any = false;
+        if !self.writes_serialised() {
+            // A completion of another job of these runs may have committed, without the run's
+            // lock, after the advance above read it: see `Store::settle_run`.
+            let mut runs: Vec<Uuid> = lost.iter().map(|(_, r)| *r).collect();
+            runs.sort();
+            runs.dedup();
+            for run_id in runs {
+                queued_any |= self.settle_run(run_id).await?;
+            }
+        }
+        if !requeued.is_empty() || queued_any {
+            if !requeued.is_empty() {
+                tracing::warn!(
+                    count = requeued.len(),
+                    "requeued jobs whose runner never confirmed them"
+                );
+            }
             self.events.publish_jobs().await;
         }
         for (job_id, run_id) in &lost {
