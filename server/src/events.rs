@@ -7,12 +7,12 @@
 //! enqueued through one replica wakes runners long-polling another.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -52,12 +52,69 @@ pub struct LogTail {
 /// A tail shared by the subscribers of one job.
 pub type SharedTail = std::sync::Arc<tokio::sync::Mutex<LogTail>>;
 
+/// The most notifications one statement sends.
+const MAX_NOTIFY_BATCH: usize = 256;
+
+/// Notifications waiting for the sender, and whether it is running.
+#[derive(Debug, Default)]
+struct Outbox {
+    pending: Vec<(String, oneshot::Sender<()>)>,
+    running: bool,
+}
+
+/// Sends what is in the outbox until it is empty, one statement per batch.
+async fn send_notifications(outbox: Arc<Mutex<Outbox>>, pool: PgPool) {
+    let _unstick = Unstick(outbox.clone());
+    loop {
+        let batch: Vec<(String, oneshot::Sender<()>)> = {
+            let mut state = outbox.lock().expect("outbox poisoned");
+            if state.pending.is_empty() {
+                state.running = false;
+                return;
+            }
+            let n = state.pending.len().min(MAX_NOTIFY_BATCH);
+            state.pending.drain(..n).collect()
+        };
+        let (mut payloads, waiters): (Vec<String>, Vec<_>) = batch.into_iter().unzip();
+        // PostgreSQL delivers identical notifications of one transaction once anyway.
+        payloads.sort();
+        payloads.dedup();
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(CHANNEL)
+            .bind(&payloads)
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, count = payloads.len(), "could not notify other replicas");
+        }
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+    }
+}
+
+/// Should the sender panic, lets the next notification start a new one instead of leaving the
+/// outbox marked as running forever.
+struct Unstick(Arc<Mutex<Outbox>>);
+
+impl Drop for Unstick {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            state.running = false;
+            state.pending.clear();
+        }
+    }
+}
+
 /// The in-process event hub.
 #[derive(Debug)]
 pub struct Events {
     jobs: watch::Sender<u64>,
     logs: Mutex<HashMap<Uuid, LogFeed>>,
     pg: Option<PgPool>,
+    /// Notifications for the other replicas, sent in batches.
+    outbox: Arc<Mutex<Outbox>>,
     /// Which label sets were found to have nothing queued, so idle long polls skip the query.
     pub claim_gates: crate::queue::ClaimGates,
     /// Claims that arrive while another is running, gathered into the next batch.
@@ -71,6 +128,7 @@ impl Events {
             jobs: watch::Sender::new(0),
             logs: Mutex::new(HashMap::new()),
             pg,
+            outbox: Default::default(),
             claim_gates: Default::default(),
             claim_batcher: Default::default(),
         }
@@ -139,17 +197,28 @@ impl Events {
         }
     }
 
+    /// Sends `payload` to the other replicas and waits until it was sent.
+    ///
+    /// A `NOTIFY` gives its transaction an id, so each one sent on its own was a durable commit:
+    /// with a log append and a completion publishing for every job, that was two of the four
+    /// commits a no-op job cost. Notifications published while one is being sent are therefore
+    /// gathered and sent together, in one statement and one commit (like claims, see
+    /// [`crate::queue::ClaimBatcher`]); a lone notification is not delayed.
     async fn notify_others(&self, payload: &str) {
-        if let Some(pool) = &self.pg
-            && let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANNEL)
-                .bind(payload)
-                .execute(pool)
-                .await
-        {
-            // Other replicas still catch up: their waiters re-check on their own deadline.
-            tracing::warn!(error = %e, "could not notify other replicas");
+        let Some(pool) = &self.pg else { return };
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut outbox = self.outbox.lock().expect("outbox poisoned");
+            outbox.pending.push((payload.to_string(), tx));
+            !std::mem::replace(&mut outbox.running, true)
+        };
+        if lead {
+            // A task of its own: a request that is dropped must not cancel the others' sends.
+            tokio::spawn(send_notifications(self.outbox.clone(), pool.clone()));
         }
+        // An error was logged by the sender; other replicas still catch up, as their waiters
+        // re-check on their own deadline.
+        let _ = rx.await;
     }
 
     /// Applies a notification received from PostgreSQL.

@@ -162,6 +162,7 @@ async fn log_appended_through_b_shows_in_a_stream_on_a() {
         println!("replicas=append-on-B-stream-on-A chunk={i} latency={latency:?}");
         latencies.push(latency);
     }
+    let sent = Instant::now();
     on_b.complete(
         job_id,
         &lease,
@@ -181,6 +182,11 @@ async fn log_appended_through_b_shows_in_a_stream_on_a() {
         matches!(end, LogEvent::End { status: JobStatus::Succeeded, log_size, .. } if log_size == offset),
         "{end:?}"
     );
+    // The completion's own notification wakes A's stream; without it A would only notice on its
+    // next periodic re-check, seconds later.
+    let end_latency = sent.elapsed();
+    println!("replicas=complete-on-B-end-on-A latency={end_latency:?}");
+    latencies.push(end_latency);
     println!(
         "replicas=append-on-B-stream-on-A worst_latency={:?}",
         latencies.iter().max()

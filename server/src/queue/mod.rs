@@ -219,10 +219,16 @@ impl Drop for Unstick {
     }
 }
 
-/// Ends expired leases every `interval` until `shutdown`.
+/// How often the reaper looks for runs that no job will advance any more
+/// ([`Store::repair_runs`]); it also does so when it starts.
+const REPAIR_EVERY: Duration = Duration::from_secs(60);
+
+/// Ends expired leases every `interval` until `shutdown`, and now and then finishes runs left
+/// behind by a replica that stopped between a completion and its run's advance.
 pub async fn reaper(store: std::sync::Arc<Store>, interval: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut repaired_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -230,6 +236,17 @@ pub async fn reaper(store: std::sync::Arc<Store>, interval: Duration, shutdown: 
         }
         if let Err(e) = store.reap_expired().await {
             tracing::warn!(error = %e, "could not reap expired leases; will retry");
+        }
+        if repaired_at.is_none_or(|at| at.elapsed() >= REPAIR_EVERY) {
+            repaired_at = Some(Instant::now());
+            match store.repair_runs().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    count = n,
+                    "advanced runs that no job would advance any more"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not look for stalled runs; will retry"),
+            }
         }
     }
 }

@@ -11,7 +11,9 @@ use sqlx::types::Json;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::runs::{JOB_COLS, JobRow, STEP_COLS, StepRow, advance_run, attach_steps};
+use super::runs::{
+    JOB_COLS, JobRow, RUN_PROGRESS, RunProgress, STEP_COLS, StepRow, advance_run, attach_steps,
+};
 use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token};
 
 /// A job claimed for a runner.
@@ -38,12 +40,13 @@ const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'running', runner_id = $1, 
      RETURNING id, run_id, spec";
 
 /// One statement, one round trip: claim the job and mark its run started. PostgreSQL runs
-/// data-modifying CTEs even when the outer query does not read them.
+/// data-modifying CTEs even when the outer query does not read them. `outpost_pick_queued`
+/// (migration 0007) picks and locks the oldest queued jobs the labels allow, `FOR UPDATE SKIP
+/// LOCKED`, walking `jobs_queued` in order whatever the table's statistics say.
 const CLAIM_POSTGRES: &str = "WITH claimed AS ( \
        UPDATE jobs SET status = 'running', runner_id = $1, lease_token_hash = $2, \
        lease_expires_at = $3, heartbeat_seen = FALSE, attempt = attempt + 1, started_at = $4, cancel_requested = FALSE \
-       WHERE status = 'queued' AND id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
-         ORDER BY j.queued_at, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+       WHERE status = 'queued' AND id = (SELECT p.id FROM outpost_pick_queued($5, 1) p) \
        RETURNING id, run_id, spec), \
      started AS ( \
        UPDATE runs SET status = 'running', started_at = COALESCE(runs.started_at, $4) \
@@ -54,9 +57,7 @@ const CLAIM_POSTGRES: &str = "WITH claimed AS ( \
 /// they may run, paired in queue order with the runners in `$1` (and their lease hashes in `$2`),
 /// and their runs marked started, in one statement and one commit. A batch claims fewer jobs than
 /// runners when fewer are queued; the runners left over get nothing.
-const CLAIM_BATCH_POSTGRES: &str = "WITH picked AS ( \
-       SELECT j.id, j.queued_at FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
-       ORDER BY j.queued_at, j.id LIMIT $6 FOR UPDATE SKIP LOCKED), \
+const CLAIM_BATCH_POSTGRES: &str = "WITH picked AS (SELECT id, queued_at FROM outpost_pick_queued($5, $6)), \
      numbered AS (SELECT id, row_number() OVER (ORDER BY queued_at, id) AS n FROM picked), \
      assign AS (SELECT * FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS a(runner_id, token_hash, n)), \
      claimed AS ( \
@@ -69,6 +70,18 @@ const CLAIM_BATCH_POSTGRES: &str = "WITH picked AS ( \
        UPDATE runs SET status = 'running', started_at = COALESCE(runs.started_at, $4) \
        FROM (SELECT DISTINCT run_id FROM claimed) c WHERE runs.id = c.run_id AND runs.status = 'queued') \
      SELECT id, run_id, spec, n FROM claimed";
+
+/// The fenced completion: ends the job if the lease is current and answers with its run.
+const COMPLETE_SQLITE: &str = "UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
+     WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 RETURNING run_id";
+
+/// The same completion on PostgreSQL, which also tells the other replicas that the job's status
+/// changed (`pg_notify($6, $7)`). The notification is queued only when a row is returned (the
+/// sub-select runs when the first row is projected) and is sent only if the transaction commits:
+/// no round trip and no commit of its own, where a separate `SELECT pg_notify` cost both.
+const COMPLETE_POSTGRES: &str = "UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
+     WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 \
+     RETURNING run_id, (SELECT pg_notify($6, $7)) IS NULL AS notified";
 
 /// One runner asking for a job, in a batch of claims.
 #[derive(Debug, Clone)]
@@ -399,20 +412,22 @@ impl Store {
         }
         let now = Utc::now();
         let hash = hash_token(lease_token);
+        let postgres = self.is_postgres();
         let _w = self.write_guard().await;
         let done: Option<(Uuid, bool)> = dispatch!(self, pool => {
             let mut tx = pool.begin_with(self.begin_write()).await?;
-            let row: Option<(Uuid,)> = sqlx::query_as(
-                "UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
-                 WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 RETURNING run_id",
-            )
-            .bind(job_id)
-            .bind(&hash)
-            .bind(req.status.as_str())
-            .bind(req.exit_code)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let query = sqlx::query_as(if postgres { COMPLETE_POSTGRES } else { COMPLETE_SQLITE })
+                .bind(job_id)
+                .bind(&hash)
+                .bind(req.status.as_str())
+                .bind(req.exit_code)
+                .bind(now);
+            let query = if postgres {
+                query.bind(crate::events::CHANNEL).bind(format!("log:{job_id}"))
+            } else {
+                query
+            };
+            let row: Option<(Uuid,)> = query.fetch_optional(&mut *tx).await?;
             match row {
                 Some((run_id,)) => {
                     sqlx::query(
@@ -424,7 +439,20 @@ impl Store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    let queued = advance_run!(self, tx, run_id, now)?;
+                    // PostgreSQL: a completion that changes nothing but its own job (the run
+                    // is running, no job waits on `needs`, others are still open) takes no lock
+                    // on the run row, so the jobs of one run complete in parallel instead of one
+                    // commit after another; `settle_run` below catches the last ones.
+                    let quiet = if self.writes_serialised() {
+                        false
+                    } else {
+                        let progress: RunProgress = sqlx::query_as(RUN_PROGRESS)
+                            .bind(run_id)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        progress.quiet()
+                    };
+                    let queued = if quiet { false } else { advance_run!(self, tx, run_id, now)? };
                     tx.commit().await?;
                     Some((run_id, queued))
                 }
@@ -434,10 +462,19 @@ impl Store {
         drop(_w);
         match done {
             Some((run_id, queued)) => {
+                // Two jobs completing at once without the run's lock may each have seen the
+                // other still running; whichever committed last sees both ended here.
+                let queued = if self.writes_serialised() {
+                    queued
+                } else {
+                    self.settle_run(run_id).await? || queued
+                };
                 if queued {
                     self.events.publish_jobs().await;
                 }
-                self.events.publish_log(job_id).await;
+                // Other replicas were notified by the completing statement itself (PostgreSQL);
+                // SQLite has no other replicas.
+                self.events.wake_log_local(job_id);
                 Ok(CompleteOutcome { run_id })
             }
             None => {
@@ -505,11 +542,24 @@ impl Store {
             (requeued, lost)
         });
         drop(_w);
-        if !requeued.is_empty() {
-            tracing::warn!(
-                count = requeued.len(),
-                "requeued jobs whose runner never confirmed them"
-            );
+        let mut queued_any = false;
+        if !self.writes_serialised() {
+            // A completion of another job of these runs may have committed, without the run's
+            // lock, after the advance above read it: see `Store::settle_run`.
+            let mut runs: Vec<Uuid> = lost.iter().map(|(_, r)| *r).collect();
+            runs.sort();
+            runs.dedup();
+            for run_id in runs {
+                queued_any |= self.settle_run(run_id).await?;
+            }
+        }
+        if !requeued.is_empty() || queued_any {
+            if !requeued.is_empty() {
+                tracing::warn!(
+                    count = requeued.len(),
+                    "requeued jobs whose runner never confirmed them"
+                );
+            }
             self.events.publish_jobs().await;
         }
         for (job_id, run_id) in &lost {

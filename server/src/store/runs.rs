@@ -234,6 +234,36 @@ pub(crate) fn plan_advance(jobs: &[(Uuid, String, JobStatus, Vec<String>)]) -> A
     }
 }
 
+/// One aggregate row about a run: its status, and how many of its jobs are pending and how many
+/// queued or running.
+pub(crate) const RUN_PROGRESS: &str = "SELECT (SELECT status FROM runs WHERE id = $1), \
+     COALESCE(SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN status IN ('queued', 'running') THEN 1 ELSE 0 END), 0) \
+     FROM jobs WHERE run_id = $1";
+
+/// A row of [`RUN_PROGRESS`].
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RunProgress(Option<String>, i64, i64);
+
+impl RunProgress {
+    /// Whether a job ending now changes nothing else: no job waits on `needs`, some are still
+    /// queued or running, and the run is already `running`.
+    pub(crate) fn quiet(&self) -> bool {
+        self.1 == 0 && self.2 > 0 && self.0.as_deref() == Some("running")
+    }
+
+    /// Whether the run has ended or can only end or move on by an advance: not final, and no job
+    /// queued or running that would advance it when it ends.
+    pub(crate) fn stalled(&self) -> bool {
+        self.2 == 0
+            && !self
+                .0
+                .as_deref()
+                .and_then(RunStatus::parse)
+                .is_some_and(|s| s.is_final())
+    }
+}
+
 /// Moves a run's job graph forward inside an open transaction `$tx`; evaluates to
 /// `StoreResult<bool>`: whether any job became queued.
 macro_rules! advance_run {
@@ -255,16 +285,11 @@ macro_rules! advance_run {
         // Most completions change nothing else: no job of the run waits on `needs`, some are
         // still queued or running, and the run is already `running`. One aggregate row says so
         // without reading and planning every job of the run.
-        let (run_status, pending, open): (Option<String>, i64, i64) = ::sqlx::query_as(
-            "SELECT (SELECT status FROM runs WHERE id = $1), \
-             COALESCE(SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN status IN ('queued', 'running') THEN 1 ELSE 0 END), 0) \
-             FROM jobs WHERE run_id = $1",
-        )
-        .bind(run_id)
-        .fetch_one(&mut *$tx)
-        .await?;
-        if pending == 0 && open > 0 && run_status.as_deref() == Some("running") {
+        let progress: $crate::store::runs::RunProgress = ::sqlx::query_as($crate::store::runs::RUN_PROGRESS)
+            .bind(run_id)
+            .fetch_one(&mut *$tx)
+            .await?;
+        if progress.quiet() {
             Ok::<bool, $crate::store::StoreError>(false)
         } else {
         let rows: Vec<(::uuid::Uuid, String, String, ::sqlx::types::Json<Vec<String>>)> =
@@ -484,6 +509,55 @@ impl Store {
         })
     }
 
+    /// After a job ended outside the run's lock (PostgreSQL), advances the run if nothing else
+    /// will: when no job of the run is queued or running any more and the run is not final.
+    ///
+    /// A completion that finds its run quiet commits without locking the run row, so that the
+    /// jobs of one run can complete in parallel. Two of the last jobs completing at once may then
+    /// each see the other still running; whichever commits last sees the other's commit here,
+    /// after its own, and advances the run under the lock. Returns whether any job became queued.
+    pub(crate) async fn settle_run(&self, run_id: Uuid) -> StoreResult<bool> {
+        let progress: RunProgress = dispatch!(self, pool => {
+            sqlx::query_as(RUN_PROGRESS).bind(run_id).fetch_one(pool).await?
+        });
+        if !progress.stalled() {
+            return Ok(false);
+        }
+        let now = Utc::now();
+        let _w = self.write_guard().await;
+        let queued = dispatch!(self, pool => {
+            let mut tx = pool.begin_with(self.begin_write()).await?;
+            let queued = advance_run!(self, tx, run_id, now)?;
+            tx.commit().await?;
+            queued
+        });
+        drop(_w);
+        Ok(queued)
+    }
+
+    /// Advances the runs that no job will advance any more: not final, and none of their jobs
+    /// queued or running. A completion on PostgreSQL settles its run after its commit (see
+    /// [`Store::settle_run`]); a replica that stopped between the two leaves such a run behind,
+    /// and the reaper calls this now and then to finish it. Returns how many runs it advanced.
+    pub async fn repair_runs(&self) -> StoreResult<usize> {
+        let stalled: Vec<(Uuid,)> = dispatch!(self, pool => {
+            sqlx::query_as(
+                "SELECT r.id FROM runs r WHERE r.status IN ('queued', 'running') AND NOT EXISTS \
+                 (SELECT 1 FROM jobs j WHERE j.run_id = r.id AND j.status IN ('queued', 'running'))",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        let mut advanced = 0;
+        for (run_id,) in stalled {
+            if self.settle_run(run_id).await? {
+                self.events.publish_jobs().await;
+            }
+            advanced += 1;
+        }
+        Ok(advanced)
+    }
+
     /// A run with its jobs and their steps.
     pub async fn get_run(&self, id: Uuid) -> StoreResult<Run> {
         let (run, jobs, steps): (Option<RunRow>, Vec<JobRow>, Vec<StepRow>) = dispatch!(self, pool => {
@@ -608,6 +682,12 @@ impl Store {
                 self.events.publish_log(id).await;
             }
         });
+        drop(_w);
+        // A completion of a job of this run may have committed, without the run's lock, after
+        // the advance above read it: see `Store::settle_run`.
+        if !self.writes_serialised() && self.settle_run(run_id).await? {
+            self.events.publish_jobs().await;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,132 @@
+//! `Store::repair_runs`, on SQLite and PostgreSQL: a run whose jobs ended without the run being
+//! advanced (a replica that stopped between a completion's commit and its run's advance, see
+//! `Store::settle_run`) is moved on by the reaper's repair, and a run that still has open jobs is
+//! left alone.
+
+mod common;
+
+use common::PgDb;
+use outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
+use outpost_server::store::{ClaimRequest, Db, NewRun, Store};
+use outpost_server::{Settings, pipeline};
+use uuid::Uuid;
+
+const PIPELINE: &str = "\
+jobs:
+  build: { runs_on: [x], steps: [{ run: 'true' }] }
+  deploy: { runs_on: [x], needs: [build], steps: [{ run: 'true' }] }
+";
+
+/// Ends a job the way a completion's own transaction does, without advancing its run: what the
+/// database holds when the replica stopped right after that commit.
+async fn end_without_advance(store: &Store, job_id: Uuid) {
+    let sql = "UPDATE jobs SET status = 'succeeded', exit_code = 0, lease_expires_at = NULL WHERE id = $1";
+    match store.db() {
+        Db::Sqlite(pool) => {
+            sqlx::query(sql).bind(job_id).execute(pool).await.unwrap();
+        }
+        Db::Postgres(pool) => {
+            sqlx::query(sql).bind(job_id).execute(pool).await.unwrap();
+        }
+    }
+}
+
+async fn stalled_runs_are_moved_on(store: &Store) {
+    let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
+    store.put_pipeline("repair", PIPELINE, &def).await.unwrap();
+    let run = store
+        .create_run(
+            NewRun {
+                pipeline: "repair".into(),
+                trigger: Default::default(),
+                variables: Default::default(),
+            },
+            &def,
+        )
+        .await
+        .unwrap();
+    let req: RegisterRequest =
+        serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
+    let runner = store.register_runner("default", &req).await.unwrap();
+    let claim = ClaimRequest {
+        runner_id: runner.runner_id,
+        labels: vec!["x".into()],
+    };
+    let build = store
+        .claim_jobs(std::slice::from_ref(&claim), 60)
+        .await
+        .unwrap()[0]
+        .clone()
+        .expect("build is queued");
+    assert_eq!(build.job.name, "build");
+
+    // A running job will advance the run itself: nothing to repair.
+    assert_eq!(store.repair_runs().await.unwrap(), 0);
+
+    end_without_advance(store, build.job.id).await;
+    let stalled = store.get_run(run.id).await.unwrap();
+    let deploy = stalled.jobs.iter().find(|j| j.name == "deploy").unwrap();
+    assert_eq!(
+        deploy.status,
+        JobStatus::Pending,
+        "nothing advanced the run yet"
+    );
+
+    // The repair queues the job that waited on the ended one.
+    assert_eq!(store.repair_runs().await.unwrap(), 1);
+    let moved = store.get_run(run.id).await.unwrap();
+    let deploy = moved.jobs.iter().find(|j| j.name == "deploy").unwrap();
+    assert_eq!(deploy.status, JobStatus::Queued);
+    assert_eq!(moved.status, RunStatus::Running);
+
+    // And once the last job ended unadvanced too, the repair ends the run.
+    let deploy = store.claim_jobs(&[claim], 60).await.unwrap()[0]
+        .clone()
+        .expect("deploy is queued");
+    end_without_advance(store, deploy.job.id).await;
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().status,
+        RunStatus::Running
+    );
+    assert_eq!(store.repair_runs().await.unwrap(), 1);
+    let done = store.get_run(run.id).await.unwrap();
+    assert_eq!(done.status, RunStatus::Succeeded);
+    assert!(done.finished_at.is_some());
+    assert_eq!(
+        store.repair_runs().await.unwrap(),
+        0,
+        "a final run is left alone"
+    );
+}
+
+fn settings(dir: &std::path::Path, pg: Option<&PgDb>) -> Settings {
+    let mut settings = Settings {
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    settings.database.url = pg.map(|p| p.url.clone());
+    settings.database.max_connections = 4;
+    settings
+}
+
+#[tokio::test]
+async fn stalled_runs_are_repaired_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = outpost_server::open_store(&settings(dir.path(), None))
+        .await
+        .unwrap();
+    stalled_runs_are_moved_on(&store).await;
+}
+
+#[tokio::test]
+async fn stalled_runs_are_repaired_postgres() {
+    let Some(pg) = PgDb::new("outpost_repair").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = outpost_server::open_store(&settings(dir.path(), Some(&pg)))
+        .await
+        .unwrap();
+    stalled_runs_are_moved_on(&store).await;
+    store.close().await;
+}
