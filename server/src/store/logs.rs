@@ -81,10 +81,8 @@ impl Store {
                 Some((size,)) if offset > size.max(0) as u64 => Err(StoreError::Gap {
                     next_offset: size.max(0) as u64,
                 }),
-                Some((size,)) => {
-                    self.events.publish_log(job_id).await;
-                    Ok(size.max(0) as u64)
-                }
+                // Nothing a viewer sees changed: no wake-up, no notification to other replicas.
+                Some((size,)) => Ok(size.max(0) as u64),
             };
         }
         // The fenced UPDATE also locks the job row (PostgreSQL) for the rest of the transaction,
@@ -136,7 +134,7 @@ impl Store {
         drop(_w);
         match result? {
             Some(next) => {
-                if next > offset || data.is_empty() {
+                if next > offset {
                     self.events.publish_log(job_id).await;
                 }
                 Ok(next)
