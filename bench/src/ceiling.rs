@@ -19,8 +19,7 @@ use crate::report::Metrics;
 /// not there to read the current one from.
 const CLAIM_POSTGRES_COPY: &str = "UPDATE jobs SET status = 'running', runner_id = $1, lease_token_hash = $2, \
      lease_expires_at = $3, heartbeat_seen = FALSE, attempt = attempt + 1, started_at = $4, cancel_requested = FALSE \
-     WHERE status = 'queued' AND id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' AND j.runs_on <@ $5 \
-       ORDER BY j.queued_at, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+     WHERE status = 'queued' AND id = (SELECT p.id FROM outpost_pick_queued($5, 1) p) \
      RETURNING id, run_id, spec";
 
 /// Extracts the text of `const NAME: &str = "…";` from Rust source, joining `\`-continued lines.
@@ -378,7 +377,10 @@ mod tests {
         );
         let (sql, _) = claim_sql();
         let ready = claim_for_pgbench(&sql, uuid::Uuid::nil()).unwrap();
-        assert!(ready.contains("FOR UPDATE SKIP LOCKED"), "{ready}");
+        // The claim picks through `outpost_pick_queued` (migration 0007), with every parameter
+        // written out.
+        assert!(ready.contains("outpost_pick_queued("), "{ready}");
+        assert!(!ready.contains('$'), "{ready}");
     }
 
     #[test]
