@@ -12,6 +12,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod ansi;
 pub mod api;
 pub mod dev;
 pub mod entra;
