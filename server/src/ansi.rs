@@ -144,6 +144,15 @@ impl Renderer {
 
     /// Renders the next piece of the text; consecutive segments have different styles.
     pub fn render(&mut self, text: &str) -> Vec<Segment> {
+        let mut out = Vec::new();
+        self.render_into(text, &mut out);
+        out
+    }
+
+    /// Renders the next piece of the text onto the end of `out`, joining the first new segment to
+    /// `out`'s last one if they have the same style.
+    pub fn render_into(&mut self, text: &str, out: &mut Vec<Segment>) {
+        std::mem::swap(&mut self.sink.out, out);
         for piece in text.split_inclusive('\n') {
             let (body, newline) = match piece.strip_suffix('\n') {
                 Some(body) => (body, true),
@@ -168,7 +177,7 @@ impl Renderer {
                 self.sink.push('\n');
             }
         }
-        std::mem::take(&mut self.sink.out)
+        std::mem::swap(&mut self.sink.out, out);
     }
 
     fn abandon(&mut self) {
@@ -423,6 +432,17 @@ mod tests {
                 ""
             )]
         );
+    }
+
+    #[test]
+    fn render_into_joins_segments_of_one_style() {
+        let mut r = Renderer::new();
+        let mut out = Vec::new();
+        for piece in ["\x1b[1ma", "b\x1b", "[0", "mc", "d"] {
+            r.render_into(piece, &mut out);
+        }
+        let spans: Vec<Span> = out.iter().map(Span::from).collect();
+        assert_eq!(spans, [span("ab", "b"), span("cd", "")]);
     }
 
     /// Whatever the cuts, the segments (merged) are those of the text in one piece.
