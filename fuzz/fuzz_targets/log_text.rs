@@ -2,9 +2,8 @@
 //! cut into reads, the text is what one lossy UTF-8 decoding of the whole log gives, and nothing
 //! is held back at the end.
 //!
-//! Outpost has no ANSI renderer in Rust (the web UI renders ANSI SGR codes in `app.js`); the Rust
-//! code that handles log bytes on their way to a browser is this and the SSE framing
-//! (`log_stream`).
+//! The text then goes to the browser in SSE framing (`log_stream`) and, with `?format=spans`,
+//! through the ANSI renderer (`ansi`).
 
 #![no_main]
 

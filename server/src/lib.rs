@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod ansi;
 pub mod api;
 pub mod dev;
 pub mod entra;

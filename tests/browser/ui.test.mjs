@@ -86,6 +86,7 @@ jobs:
       - name: Colours
         run: |
           printf '\\033[31mred text\\033[0m and \\033[1mbold text\\033[0m\\n'
+          printf '\\033[38;2;255;128;0;48;5;17mtruecolour\\033[0m \\033[2K\\033]0;title\\007on \\033[38;5;9mpalette\\033[m\\n'
           echo '<script>window.__pwned = 1</script>'
           echo "first line"
       - name: Wait for the gate
@@ -185,8 +186,13 @@ test('trigger from the UI, watch the live log, ANSI, escaping, #L links', async 
   const red = page.locator('#log span.fg-red');
   assert.equal(await red.first().textContent(), 'red text');
   assert.equal(await page.locator('#log span.b').first().textContent(), 'bold text');
+  // Colours without a class come inline (CSSOM, which the CSP allows); other escapes vanish.
+  const rgb = page.locator('#log .lt span').filter({ hasText: /^truecolour$/ });
+  assert.deepEqual(await rgb.evaluate((e) => [e.style.color, e.style.backgroundColor]), ['rgb(255, 128, 0)', 'rgb(0, 0, 95)']);
+  assert.equal(await page.locator('#log span.fg-bright-red').textContent(), 'palette');
   const lines = await lineTexts(page);
   assert.ok(lines.includes('<script>window.__pwned = 1</script>'), JSON.stringify(lines));
+  assert.ok(lines.includes('truecolour on palette'), JSON.stringify(lines));
   assert.equal(await page.evaluate(() => window.__pwned), undefined);
   assert.equal(await page.locator('#log script').count(), 0);
 

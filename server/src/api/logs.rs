@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::extract::{Caller, parse_id};
 use super::{ApiError, ApiResult, AppState};
+use crate::ansi::{Renderer, Span};
 use crate::events::SharedTail;
 use crate::store::{Scope, Store};
 use outpost_protocol::ErrorBody;
@@ -38,13 +39,27 @@ struct LogStreamEvent {
     /// `log`, `end` or `error`.
     #[schema(pattern = "^(log|end|error)$")]
     event: String,
-    /// JSON: `{"offset", "text"}` for `log`, `{"status", "exit_code", "log_size"}` for `end`,
-    /// `{"message"}` for `error`.
+    /// JSON: `{"offset", "text"}` for `log` (and `"spans"` with `?format=spans`: see
+    /// [`LogSpans`]), `{"status", "exit_code", "log_size"}` for `end`, `{"message"}` for `error`.
     data: String,
     /// The byte offset after this event, to send back as `Last-Event-ID`.
     id: Option<String>,
     /// A reconnection delay in milliseconds, if the server sets one.
     retry: Option<u64>,
+}
+
+/// The data of a `log` event under `?format=spans`, as the OpenAPI document describes it.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(super) struct LogSpans {
+    /// The byte offset of the event's first byte.
+    offset: u64,
+    /// The log text as it is, escapes included.
+    text: String,
+    /// The same text rendered: escape sequences and control characters other than `\n` and `\t`
+    /// removed, ANSI SGR styles as classes and colours.
+    /// A stream starts in the default style, also when it resumes from an offset.
+    spans: Vec<Span>,
 }
 
 /// Parses `bytes=N-` (the only form a log reader needs); other forms are ignored.
@@ -152,6 +167,10 @@ pub async fn get_log(
 #[derive(Debug, Deserialize)]
 struct StreamQuery {
     offset: Option<u64>,
+    /// `spans` adds the rendered text to each `log` event; `text` (the default) does not.
+    format: Option<String>,
+    /// A byte offset to stop at: the stream ends after the event that reaches it.
+    to: Option<u64>,
 }
 
 struct StreamState {
@@ -161,6 +180,10 @@ struct StreamState {
     offset: u64,
     /// Bytes read but held back because they end inside a UTF-8 character.
     carry: Vec<u8>,
+    /// With `?format=spans`, the ANSI renderer, whose style carries from one event to the next.
+    ansi: Option<Renderer>,
+    /// With `?to=`, where the stream stops.
+    to: Option<u64>,
     rx: watch::Receiver<u64>,
     /// The end of the log, shared with this process's other viewers of the job.
     tail: SharedTail,
@@ -299,6 +322,21 @@ pub fn take_text(carry: &mut Vec<u8>, flush: bool) -> String {
 }
 
 impl StreamState {
+    /// Queues the `log` event of `text`, which starts at byte `offset` and ends at `self.offset`.
+    fn push_log(&mut self, offset: u64, text: String) {
+        let mut data = serde_json::json!({ "offset": offset, "text": text });
+        if let Some(ansi) = &mut self.ansi {
+            let spans: Vec<Span> = ansi.render(&text).iter().map(Span::from).collect();
+            data["spans"] = serde_json::json!(spans);
+        }
+        self.pending.push_back(
+            Event::default()
+                .event("log")
+                .id(self.offset.to_string())
+                .data(data.to_string()),
+        );
+    }
+
     async fn next_events(&mut self) -> Result<(), ApiError> {
         let mut recheck = false;
         loop {
@@ -330,22 +368,26 @@ impl StreamState {
                     next = end;
                 }
             }
-            if !got.is_empty() {
+            if let Some(to) = self.to {
+                got.truncate(to.saturating_sub(from) as usize);
+            }
+            let stop = self.to.is_some_and(|to| from + got.len() as u64 >= to);
+            if !got.is_empty() || stop {
                 let next = from + got.len() as u64;
                 self.carry.extend_from_slice(&got);
                 let held = self.carry.len();
-                let text = take_text(&mut self.carry, false);
-                let consumed = (held - self.carry.len()) as u64;
+                // At `to`, a character cut there is not waited for.
+                let text = take_text(&mut self.carry, stop);
+                let consumed = held - self.carry.len();
                 if consumed > 0 {
-                    self.offset += consumed;
-                    let data =
-                        serde_json::json!({ "offset": self.offset - consumed, "text": text });
-                    self.pending.push_back(
-                        Event::default()
-                            .event("log")
-                            .id(self.offset.to_string())
-                            .data(data.to_string()),
-                    );
+                    self.offset += consumed as u64;
+                    self.push_log(self.offset - consumed as u64, text);
+                }
+                if stop {
+                    self.done = true;
+                    return Ok(());
+                }
+                if consumed > 0 {
                     return Ok(());
                 }
                 if next < size {
@@ -358,14 +400,8 @@ impl StreamState {
                 if !self.carry.is_empty() {
                     let held = self.carry.len() as u64;
                     let text = take_text(&mut self.carry, true);
-                    let data = serde_json::json!({ "offset": self.offset, "text": text });
                     self.offset += held;
-                    self.pending.push_back(
-                        Event::default()
-                            .event("log")
-                            .id(self.offset.to_string())
-                            .data(data.to_string()),
-                    );
+                    self.push_log(self.offset - held, text);
                 }
                 let job = self.store.get_job(self.job).await?;
                 let data = serde_json::json!({ "status": status, "exit_code": job.exit_code, "log_size": size });
@@ -400,16 +436,27 @@ impl StreamState {
 /// Each `log` event carries `{"offset", "text"}` and has the byte offset after it as its `id`, so
 /// a client that reconnects with `Last-Event-ID` (or `?offset=`) resumes exactly where it was.
 /// The `end` event carries the final status.
+///
+/// With `?format=spans`, each `log` event also carries `"spans"`: its text rendered by
+/// [`crate::ansi`], the style carrying from one event to the next (a stream that resumes from an
+/// offset starts in the default style). With `?to=N`, the stream stops at byte `N` (without an
+/// `end` event), so that the web UI can render an earlier part of the log.
 #[utoipa::path(
     get,
     path = "/api/v1/jobs/{id}/log/stream",
     tag = "runs",
     operation_id = "stream_job_log",
     summary = "The log as Server-Sent Events: existing bytes, live appends, then an `end` event (read)",
-    params(("id" = String, Path, description = "The job's id (UUID)"), ("Last-Event-ID" = Option<String>, Header, description = "A byte offset to resume from"), ("offset" = Option<u64>, Query, description = "A byte offset to resume from")),
+    params(
+        ("id" = String, Path, description = "The job's id (UUID)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "A byte offset to resume from"),
+        ("offset" = Option<u64>, Query, description = "A byte offset to resume from"),
+        ("format" = Option<String>, Query, description = "`text` (the default) or `spans`: each `log` event also carries its text rendered as styled spans (`LogSpans`)", pattern = "^(text|spans)$"),
+        ("to" = Option<u64>, Query, description = "A byte offset to stop at: the stream ends, without an `end` event, after the `log` event that reaches it"),
+    ),
     security(("api_token" = [])),
     responses(
-        (status = 200, description = "`log` events carry `{offset, text}`; `end` carries the final status", body = LogStreamEvent, content_type = "text/event-stream"),
+        (status = 200, description = "`log` events carry `{offset, text}` (and `spans` with `format=spans`, see `LogSpans`); `end` carries the final status", body = LogStreamEvent, content_type = "text/event-stream"),
         (status = 400, description = "The request is malformed", body = ErrorBody),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "The token's scope is too small", body = ErrorBody),
@@ -430,9 +477,15 @@ pub async fn stream_log(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let from_query = axum::extract::Query::<StreamQuery>::try_from_uri(&uri)
-        .ok()
-        .and_then(|q| q.0.offset);
+    let query = axum::extract::Query::<StreamQuery>::try_from_uri(&uri).ok();
+    let from_query = query.as_ref().and_then(|q| q.offset);
+    let ansi = match query.as_ref().and_then(|q| q.format.as_deref()) {
+        None | Some("text") => None,
+        Some("spans") => Some(Renderer::new()),
+        Some(_) => {
+            return Err(ApiError::bad_request("format must be `text` or `spans`"));
+        }
+    };
     let (rx, tail) = state.store.events.subscribe_log(id);
     let st = StreamState {
         rx,
@@ -441,6 +494,8 @@ pub async fn stream_log(
         job: id,
         offset: from_header.or(from_query).unwrap_or(0),
         carry: Vec::new(),
+        ansi,
+        to: query.and_then(|q| q.to),
         pending: VecDeque::new(),
         done: false,
         shutdown: state.shutdown.clone(),

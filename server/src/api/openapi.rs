@@ -91,6 +91,8 @@ use outpost_protocol as p;
         p::InvokeRequest,
         p::AuditEvent,
         p::AuditList,
+        super::logs::LogSpans,
+        crate::ansi::Span,
     )),
     modifiers(&BearerSchemes),
     tags(

@@ -93,89 +93,30 @@
     setTimeout(tick, 1000);
   }
 
-  // ---- ANSI SGR rendering -------------------------------------------------
+  // ---- Rendered log text ---------------------------------------------------
+  // The server renders ANSI escapes (server/src/ansi.rs) into spans of text with the classes of
+  // app.css, and colours that have no class as CSS values; the page only places them.
 
-  function Ansi() {
-    this.st = {};
-    this.pending = '';
+  function appendSpan(target, sp) {
+    if (!sp.class && !sp.fg && !sp.bg) { target.append(document.createTextNode(sp.text)); return; }
+    const e = el('span', sp.class || null, sp.text);
+    if (sp.fg) e.style.color = sp.fg;
+    if (sp.bg) e.style.backgroundColor = sp.bg;
+    target.append(e);
   }
-  const BASIC = ['black', 'red', 'green', 'yellow', 'blue', 'magenta', 'cyan', 'white'];
-  function color256(n) {
-    if (n < 16) return null;
-    if (n >= 232) { const v = 8 + (n - 232) * 10; return 'rgb(' + v + ',' + v + ',' + v + ')'; }
-    n -= 16;
-    const f = (x) => (x ? 55 + x * 40 : 0);
-    return 'rgb(' + f(Math.floor(n / 36)) + ',' + f(Math.floor(n / 6) % 6) + ',' + f(n % 6) + ')';
+
+  // Cuts spans into lines: the server keeps every newline of the text, and only newlines, so the
+  // spans have as many lines as the text.
+  function spanLines(spans) {
+    const lines = [[]];
+    for (const sp of spans) {
+      sp.text.split('\n').forEach((t, k) => {
+        if (k > 0) lines.push([]);
+        if (t) lines[lines.length - 1].push({ text: t, class: sp.class, fg: sp.fg, bg: sp.bg });
+      });
+    }
+    return lines;
   }
-  Ansi.prototype.sgr = function (params) {
-    const p = params === '' ? [0] : params.split(';').map((x) => parseInt(x || '0', 10));
-    const st = this.st;
-    for (let i = 0; i < p.length; i++) {
-      const c = p[i];
-      if (c === 0) { this.st = {}; continue; }
-      const s = this.st;
-      if (c === 1) s.bold = true;
-      else if (c === 2) s.dim = true;
-      else if (c === 3) s.italic = true;
-      else if (c === 4) s.underline = true;
-      else if (c === 22) { s.bold = false; s.dim = false; }
-      else if (c === 23) s.italic = false;
-      else if (c === 24) s.underline = false;
-      else if (c >= 30 && c <= 37) { s.fg = 'fg-' + BASIC[c - 30]; s.fgc = null; }
-      else if (c >= 90 && c <= 97) { s.fg = 'fg-bright-' + BASIC[c - 90]; s.fgc = null; }
-      else if (c === 39) { s.fg = null; s.fgc = null; }
-      else if (c >= 40 && c <= 47) { s.bg = 'bg-' + BASIC[c - 40]; s.bgc = null; }
-      else if (c >= 100 && c <= 107) { s.bg = 'bg-bright-' + BASIC[c - 100]; s.bgc = null; }
-      else if (c === 49) { s.bg = null; s.bgc = null; }
-      else if (c === 38 || c === 48) {
-        let col = null;
-        if (p[i + 1] === 5) {
-          const n = p[i + 2];
-          col = n < 8 ? (c === 38 ? 'fg-' : 'bg-') + BASIC[n] : n < 16 ? (c === 38 ? 'fg-bright-' : 'bg-bright-') + BASIC[n - 8] : color256(n);
-          i += 2;
-          if (col && col.startsWith('rgb')) { if (c === 38) { s.fgc = col; s.fg = null; } else { s.bgc = col; s.bg = null; } }
-          else if (c === 38) { s.fg = col; s.fgc = null; } else { s.bg = col; s.bgc = null; }
-        } else if (p[i + 1] === 2) {
-          col = 'rgb(' + (p[i + 2] | 0) + ',' + (p[i + 3] | 0) + ',' + (p[i + 4] | 0) + ')';
-          i += 4;
-          if (c === 38) { s.fgc = col; s.fg = null; } else { s.bgc = col; s.bg = null; }
-        }
-      }
-    }
-    void st;
-  };
-  // Appends the text of one line (no newline) to `target` as styled spans.
-  Ansi.prototype.render = function (text, target) {
-    text = this.pending + text;
-    this.pending = '';
-    const re = /\x1b(?:\[([0-9;?]*)([@-~])|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])/g;
-    let last = 0;
-    let m;
-    while ((m = re.exec(text))) {
-      if (m.index > last) this.span(text.slice(last, m.index), target);
-      if (m[2] === 'm') this.sgr(m[1]);
-      last = re.lastIndex;
-    }
-    let rest = text.slice(last);
-    const esc = rest.lastIndexOf('\x1b');
-    if (esc >= 0 && rest.length - esc < 32) { this.pending = rest.slice(esc); rest = rest.slice(0, esc); }
-    if (rest) this.span(rest.replace(/\r/g, ''), target);
-  };
-  Ansi.prototype.span = function (text, target) {
-    const s = this.st;
-    const cls = [];
-    if (s.bold) cls.push('b');
-    if (s.dim) cls.push('dim');
-    if (s.italic) cls.push('i');
-    if (s.underline) cls.push('u');
-    if (s.fg) cls.push(s.fg);
-    if (s.bg) cls.push(s.bg);
-    if (!cls.length && !s.fgc && !s.bgc) { target.append(document.createTextNode(text)); return; }
-    const sp = el('span', cls.join(' '), text);
-    if (s.fgc) sp.style.color = s.fgc;
-    if (s.bgc) sp.style.backgroundColor = s.bgc;
-    target.append(sp);
-  };
 
   // ---- Log viewer ------------------------------------------------------------
 
@@ -185,7 +126,6 @@
     this.enc = new TextEncoder();
     this.lines = []; // {el, text, offset}
     this.open = null; // the line still being written
-    this.ansi = new Ansi();
     this.offset = 0; // byte offset after the last byte rendered
     this.start = 0; // byte offset of the first rendered line
     this.base = null; // line number of the first rendered line, once known
@@ -261,8 +201,9 @@
     return line;
   };
 
-  // Appends decoded text that starts at byte `offset`.
-  LogView.prototype.append = function (text, offset) {
+  // Appends decoded text that starts at byte `offset`, shown as the server rendered it (`spans`).
+  LogView.prototype.append = function (text, offset, spans) {
+    const rendered = spanLines(spans);
     const parts = text.split('\n');
     let at = offset;
     for (let i = 0; i < parts.length; i++) {
@@ -276,8 +217,10 @@
         this.lines.push(line);
         if (this.base != null) this.numberLine(line, this.base + this.lines.length - 1);
       }
-      this.ansi.render(part, this.open.txt);
-      this.open.text += part;
+      for (const sp of rendered[i] || []) {
+        appendSpan(this.open.txt, sp);
+        this.open.text += sp.text;
+      }
       at += this.enc.encode(part).length;
       if (!last) { at += 1; this.open = null; }
     }
@@ -300,37 +243,42 @@
     target.scrollIntoView({ block: 'center' });
   };
 
-  // Reads `[from, from + max)` of the log, cut back to whole lines at the front when `from > 0`.
-  LogView.prototype.fetchWindow = async function (from, max) {
-    const headers = from > 0 ? { Range: 'bytes=' + from + '-' } : {};
-    const r = await fetch('/api/v1/jobs/' + this.jobId + '/log', { credentials: 'same-origin', headers });
+  // The offset of the first line that starts after byte `from` (or `end`, if none starts before it).
+  LogView.prototype.lineStart = async function (from, end) {
+    if (from <= 0) return 0;
+    const r = await fetch('/api/v1/jobs/' + this.jobId + '/log', { credentials: 'same-origin', headers: { Range: 'bytes=' + from + '-' } });
     if (!r.ok && r.status !== 206) throw new Error('log: ' + r.status);
     const reader = r.body.getReader();
-    const chunks = [];
-    let got = 0;
-    while (got < max) {
+    let at = from;
+    for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
-      chunks.push(value);
-      got += value.length;
+      const nl = value.indexOf(10);
+      if (nl >= 0) { at += nl + 1; break; }
+      at += value.length;
+      if (at >= end) break;
     }
     reader.cancel().catch(() => {});
-    let bytes = new Uint8Array(Math.min(got, max));
-    let pos = 0;
-    for (const c of chunks) {
-      const take = Math.min(c.length, bytes.length - pos);
-      bytes.set(c.subarray(0, take), pos);
-      pos += take;
-      if (pos >= bytes.length) break;
-    }
-    let start = from;
-    if (from > 0) {
-      const nl = bytes.indexOf(10);
-      const cut = nl < 0 ? bytes.length : nl + 1;
-      bytes = bytes.subarray(cut);
-      start += cut;
-    }
-    return { bytes, start };
+    return Math.min(at, end);
+  };
+
+  LogView.prototype.streamUrl = function (from) {
+    return '/api/v1/jobs/' + this.jobId + '/log/stream?format=spans&offset=' + from;
+  };
+
+  // Renders bytes `[from, to)` of the log into `view`, from a stream that stops at `to`.
+  LogView.prototype.renderRange = function (view, from, to) {
+    return new Promise((resolve, reject) => {
+      if (from >= to) { resolve(); return; }
+      const es = new EventSource(this.streamUrl(from) + '&to=' + to);
+      es.addEventListener('log', (ev) => {
+        const d = JSON.parse(ev.data);
+        view.append(d.text, d.offset, d.spans);
+        if (Number(ev.lastEventId) >= to) { es.close(); resolve(); }
+      });
+      es.addEventListener('end', () => { es.close(); resolve(); });
+      es.onerror = () => { es.close(); reject(new Error('the log could not be read')); };
+    });
   };
 
   // Counts the lines before `end`, streaming, without keeping the text.
@@ -362,14 +310,14 @@
     btn.disabled = true;
     try {
       const from = Math.max(0, this.start - WINDOW);
-      const { bytes, start } = await this.fetchWindow(from, this.start - from);
+      const start = await this.lineStart(from, this.start);
       // Render the earlier window into a detached viewer, then move its lines to the front.
       const tmp = new LogView(document.createElement('div'));
       tmp.pre = { body: document.createDocumentFragment() };
       tmp.sections = [];
       tmp.follow = null;
       tmp.hashDone = true;
-      tmp.append(new TextDecoder().decode(bytes), start);
+      await this.renderRange(tmp, start, this.start);
       const firstBody = this.lines.length ? this.lines[0].el.parentNode : this.pre.body;
       firstBody.insertBefore(tmp.pre.body, firstBody.firstChild);
       this.lines = tmp.lines.concat(this.lines);
@@ -389,13 +337,13 @@
     let es = null;
     let retry = 500;
     function connect() {
-      es = new EventSource('/api/v1/jobs/' + self.jobId + '/log/stream?offset=' + self.offset);
+      es = new EventSource(self.streamUrl(self.offset));
       self.stateEl.textContent = 'Live';
       es.addEventListener('log', (ev) => {
         retry = 500;
         const d = JSON.parse(ev.data);
         if (d.offset < self.offset) return; // Already shown (a replayed event).
-        self.append(d.text, d.offset);
+        self.append(d.text, d.offset, d.spans);
         self.root.dataset.offset = String(self.offset);
       });
       es.addEventListener('end', (ev) => {
@@ -467,11 +415,11 @@
     const job = await this.refresh();
     const size = job ? job.log_size : parseInt(this.root.dataset.logSize || '0', 10);
     const from = size > WINDOW ? size - WINDOW : 0;
-    const { bytes, start } = await this.fetchWindow(from, size - from);
+    // The stream renders the log from the first whole line of its last window on.
+    const start = await this.lineStart(from, size);
     this.start = start;
     this.base = start === 0 ? 1 : null;
-    this.append(new TextDecoder().decode(bytes), start);
-    this.offset = start + bytes.length;
+    this.offset = start;
     const btn = document.getElementById('load-earlier');
     if (start > 0) {
       btn.hidden = false;
