@@ -171,9 +171,10 @@ impl Renderer {
                 }
             }
             if newline {
-                if self.pending > 0 {
-                    self.abandon();
-                }
+                // Always start the next line afresh: a sequence can be unfinished even when the
+                // parser just acted (an ESC that ends an OSC string dispatches it and leaves the
+                // parser waiting for the byte after the ESC).
+                self.abandon();
                 self.sink.push('\n');
             }
         }
@@ -410,6 +411,19 @@ mod tests {
         assert_eq!(spans(text), [span("abcd\tef", "")]);
         // Private-marker and intermediate-byte `m` sequences are not SGR.
         assert_eq!(spans("\x1b[>4;2mx\x1b[?1mx"), [span("xx", "")]);
+    }
+
+    #[test]
+    fn an_escape_that_ends_an_osc_string_does_not_outlive_its_line() {
+        // Found by the `ansi` fuzz target: the ESC ending the OSC dispatched it, so nothing looked
+        // unfinished at the newline, and the next line's first character was taken as the
+        // escape's final byte.
+        let shown: String = Renderer::new()
+            .render("docs\x1b]8;;\x1b\nST /invoke")
+            .into_iter()
+            .map(|s| s.text)
+            .collect();
+        assert_eq!(shown, "docs\nST /invoke");
     }
 
     #[test]
