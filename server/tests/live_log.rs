@@ -3,22 +3,20 @@
 //! (history longer than the shared tail, live appends that cut characters, resumes from an
 //! offset), then the end event; and the job's shared feed is freed once the viewers are gone.
 
+#[path = "common/claimed_job.rs"]
+mod claimed_job;
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use claimed_job::ClaimedJob;
 use common::PgDb;
 use futures::StreamExt;
 use outpost_protocol::sse::LogEvent;
-use outpost_protocol::{Client, CompleteRequest, JobStatus, RegisterRequest};
-use outpost_server::api::{AppState, router};
-use outpost_server::store::Scope;
-use outpost_server::{Settings, Store, pipeline};
-use tokio_util::sync::CancellationToken;
-
-const PIPELINE: &str = "jobs:\n  build:\n    runs_on: [x]\n    steps:\n      - run: 'true'\n";
+use outpost_protocol::{Client, CompleteRequest, JobStatus};
+use outpost_server::Store;
 
 /// Viewers that start at byte 0 while the job runs.
 const VIEWERS: usize = 40;
@@ -29,56 +27,9 @@ fn line(i: usize) -> String {
 }
 
 async fn many_viewers_see_the_whole_log(store: Arc<Store>, data_dir: &std::path::Path) {
-    let settings = Settings {
-        data_dir: data_dir.to_path_buf(),
-        ..Default::default()
-    };
-    let shutdown = CancellationToken::new();
-    let app = router(AppState {
-        store: store.clone(),
-        settings: Arc::new(settings),
-        shutdown: shutdown.clone(),
-        entra: None,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-                .unwrap()
-        }
-    });
-
-    let def = pipeline::parse(PIPELINE).unwrap();
-    store.put_pipeline("live", PIPELINE, &def).await.unwrap();
-    let (_, read) = store
-        .create_api_token("viewer", Scope::Read, None)
-        .await
-        .unwrap();
-    let req: RegisterRequest =
-        serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
-    let reg = store.register_runner("default", &req).await.unwrap();
-    store
-        .create_run(
-            outpost_server::store::NewRun {
-                pipeline: "live".into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            &def,
-        )
-        .await
-        .unwrap();
-    let runner = Client::new(&base, Some(reg.runner_token)).unwrap();
-    let claim = runner
-        .acquire(Duration::from_secs(5))
-        .await
-        .unwrap()
-        .expect("the job is handed out");
-    let (job, lease) = (claim.job.id, claim.lease.token);
+    let set = ClaimedJob::start(store.clone(), data_dir, "live").await;
+    let (base, runner, read) = (set.base.clone(), set.runner.clone(), set.read.clone());
+    let (job, lease) = (set.job, set.lease.clone());
 
     // The whole log, appended in pieces that cut lines and characters.
     let text: String = (0..12_000).map(line).collect();
@@ -185,8 +136,7 @@ async fn many_viewers_see_the_whole_log(store: Arc<Store>, data_dir: &std::path:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    shutdown.cancel();
-    server.await.unwrap();
+    set.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,22 +4,20 @@
 //! one event to the next though the appends cut escape sequences; the plain stream has no spans;
 //! `?to=` stops the stream at a byte offset.
 
+#[path = "common/claimed_job.rs"]
+mod claimed_job;
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use claimed_job::ClaimedJob;
 use common::PgDb;
-use outpost_protocol::{Client, CompleteRequest, JobStatus, RegisterRequest};
+use outpost_protocol::{CompleteRequest, JobStatus};
+use outpost_server::Store;
 use outpost_server::ansi::{Renderer, Span};
-use outpost_server::api::{AppState, router};
-use outpost_server::store::Scope;
-use outpost_server::{Settings, Store, pipeline};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-
-const PIPELINE: &str = "jobs:\n  build:\n    runs_on: [x]\n    steps:\n      - run: 'true'\n";
 
 /// Coloured output as `ls --color`, `git log --color` and a progress bar write it.
 const LOG: &str = "\x1b[0m\x1b[01;34mdir\x1b[0m  \x1b[01;32mrun.sh\x1b[0m\n\
@@ -83,56 +81,9 @@ fn merge(spans: impl IntoIterator<Item = Value>) -> Vec<Value> {
 }
 
 async fn spans_ride_along_the_plain_stream(store: Arc<Store>, data_dir: &std::path::Path) {
-    let settings = Settings {
-        data_dir: data_dir.to_path_buf(),
-        ..Default::default()
-    };
-    let shutdown = CancellationToken::new();
-    let app = router(AppState {
-        store: store.clone(),
-        settings: Arc::new(settings),
-        shutdown: shutdown.clone(),
-        entra: None,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-                .unwrap()
-        }
-    });
-
-    let def = pipeline::parse(PIPELINE).unwrap();
-    store.put_pipeline("spans", PIPELINE, &def).await.unwrap();
-    let (_, read) = store
-        .create_api_token("viewer", Scope::Read, None)
-        .await
-        .unwrap();
-    let req: RegisterRequest =
-        serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
-    let reg = store.register_runner("default", &req).await.unwrap();
-    store
-        .create_run(
-            outpost_server::store::NewRun {
-                pipeline: "spans".into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            &def,
-        )
-        .await
-        .unwrap();
-    let runner = Client::new(&base, Some(reg.runner_token)).unwrap();
-    let claim = runner
-        .acquire(Duration::from_secs(5))
-        .await
-        .unwrap()
-        .expect("the job is handed out");
-    let (job, lease) = (claim.job.id, claim.lease.token);
+    let set = ClaimedJob::start(store.clone(), data_dir, "spans").await;
+    let (base, runner, read) = (set.base.clone(), set.runner.clone(), set.read.clone());
+    let (job, lease) = (set.job, set.lease.clone());
 
     // More than the shared tail keeps (256 KiB), so that the stream reads the history a page
     // (8 chunks) at a time, in several events; appends of 997 bytes cut escapes and characters.
@@ -263,8 +214,7 @@ async fn spans_ride_along_the_plain_stream(store: Arc<Store>, data_dir: &std::pa
         .unwrap();
     assert_eq!(resp.status(), 400);
 
-    shutdown.cancel();
-    server.await.unwrap();
+    set.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,101 @@
+//! A real server on 127.0.0.1 over a test's store, with one job claimed by a runner: the set-up of
+//! the live-log tests, which need a real TCP listener for their Server-Sent Events.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_protocol::{Client, RegisterRequest};
+use outpost_server::api::{AppState, router};
+use outpost_server::store::{NewRun, Scope};
+use outpost_server::{Settings, Store, pipeline};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const PIPELINE: &str = "jobs:\n  build:\n    runs_on: [x]\n    steps:\n      - run: 'true'\n";
+
+/// The running server and the claimed job.
+pub struct ClaimedJob {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The runner that holds the job, by its runner token.
+    pub runner: Client,
+    /// The job.
+    pub job: Uuid,
+    /// The job's lease token.
+    pub lease: String,
+    /// An API token with the read scope.
+    pub read: String,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl ClaimedJob {
+    /// Serves `store` and has a runner claim the one job of a new run of pipeline `name`.
+    pub async fn start(store: Arc<Store>, data_dir: &Path, name: &str) -> ClaimedJob {
+        let settings = Settings {
+            data_dir: data_dir.to_path_buf(),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let app = router(AppState {
+            store: store.clone(),
+            settings: Arc::new(settings),
+            shutdown: shutdown.clone(),
+            entra: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .unwrap()
+            }
+        });
+
+        let def = pipeline::parse(PIPELINE).unwrap();
+        store.put_pipeline(name, PIPELINE, &def).await.unwrap();
+        let (_, read) = store
+            .create_api_token("viewer", Scope::Read, None)
+            .await
+            .unwrap();
+        let req: RegisterRequest =
+            serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
+        let reg = store.register_runner("default", &req).await.unwrap();
+        store
+            .create_run(
+                NewRun {
+                    pipeline: name.into(),
+                    trigger: Default::default(),
+                    variables: Default::default(),
+                },
+                &def,
+            )
+            .await
+            .unwrap();
+        let runner = Client::new(&base, Some(reg.runner_token)).unwrap();
+        let claim = runner
+            .acquire(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("the job is handed out");
+        ClaimedJob {
+            base,
+            runner,
+            job: claim.job.id,
+            lease: claim.lease.token,
+            read,
+            shutdown,
+            server,
+        }
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap();
+    }
+}
