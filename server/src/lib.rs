@@ -110,7 +110,6 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(server.read_buffer_max_bytes.max(READ_BUFFER_MIN));
-    let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -132,7 +131,7 @@ pub async fn serve(
                     req.extensions_mut().insert(ConnectInfo(peer));
                     req
                 });
-        let builder = builder.clone();
+        // Owned: the connection task keeps its own copy of the settings.
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();
