@@ -207,6 +207,22 @@ const TAIL_RECHECK: Duration = Duration::from_secs(5);
 /// How long a viewer waits for a wake-up before re-checking anyway.
 const STREAM_RECHECK: Duration = Duration::from_secs(10);
 
+/// Appends to `out` the bytes of `chunks` (in log order) from offset `from` on, up to the first
+/// gap; returns the offset after the last byte copied.
+fn copy_from(chunks: &[crate::store::LogChunk], from: u64, out: &mut Vec<u8>) -> u64 {
+    let mut next = from;
+    for c in chunks {
+        let start = c.start_offset.max(0) as u64;
+        let end = start + c.data.len() as u64;
+        if end <= next || start > next {
+            continue;
+        }
+        out.extend_from_slice(&c.data[(next - start) as usize..]);
+        next = end;
+    }
+    next
+}
+
 /// Brings `tail` up to date with wake-up `version` and copies what it holds from byte `from`
 /// into `out`.
 ///
@@ -244,19 +260,12 @@ async fn read_tail(
             let mut next = begin;
             while next < size {
                 let chunks = store.read_log(job, next, PAGE_CHUNKS).await?;
-                if chunks.is_empty() {
+                let copied_to = copy_from(&chunks, next, &mut t.bytes);
+                if copied_to == next {
+                    // Nothing more (or a gap, which a stored log never has): stop here.
                     break;
                 }
-                for c in chunks {
-                    let start = c.start_offset.max(0) as u64;
-                    let end = start + c.data.len() as u64;
-                    if end <= next || start > next {
-                        continue;
-                    }
-                    t.bytes
-                        .extend_from_slice(&c.data[(next - start) as usize..]);
-                    next = end;
-                }
+                next = copied_to;
             }
             let excess = (t.bytes.len() as u64).saturating_sub(TAIL_WINDOW) as usize;
             if excess > 0 {
@@ -357,16 +366,8 @@ impl StreamState {
             recheck = false;
             if !in_tail && from < size {
                 // Behind the shared tail (history, or a slow reader): read a page ourselves.
-                let mut next = from;
-                for c in self.store.read_log(self.job, from, PAGE_CHUNKS).await? {
-                    let start = c.start_offset.max(0) as u64;
-                    let end = start + c.data.len() as u64;
-                    if end <= next || start > next {
-                        continue;
-                    }
-                    got.extend_from_slice(&c.data[(next - start) as usize..]);
-                    next = end;
-                }
+                let chunks = self.store.read_log(self.job, from, PAGE_CHUNKS).await?;
+                copy_from(&chunks, from, &mut got);
             }
             if let Some(to) = self.to {
                 got.truncate(to.saturating_sub(from) as usize);

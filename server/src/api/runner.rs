@@ -204,9 +204,6 @@ pub async fn acquire(
     body: Body,
 ) -> ApiResult<Response> {
     let req: AcquireRequest = body.json(true)?;
-    // The body's bytes can be a slice of the connection's read buffer: holding them for the
-    // whole long poll would keep that buffer alive beside the one hyper reads into next.
-    drop(body);
     let max = state.settings.queue.acquire_wait_secs;
     let wait = Duration::from_secs(req.wait_secs.unwrap_or(max).min(max));
     match queue::acquire(&state, &runner.0, wait).await? {
