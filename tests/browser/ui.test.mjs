@@ -179,7 +179,7 @@ test('trigger from the UI, watch the live log, ANSI, escaping, #L links', async 
   await page.screenshot({ path: join(artifacts, 'run.png'), fullPage: true });
 
   await page.goto(base + '/jobs/' + jobId);
-  await page.waitForSelector('#log .line .lt >> text=waiting for the gate', { timeout: 30000 });
+  await page.waitForSelector('#log .line .lt >> text="waiting for the gate"', { timeout: 30000 });
   const job = await api('/api/v1/jobs/' + jobId);
   assert.equal(job.status, 'running', 'the line appeared while the step was still running');
 
@@ -259,7 +259,7 @@ test('cancel a running job from the UI', async () => {
   const page = await newPage(admin);
   const { jobId } = await triggerFromUi(page, `GATE=${join(tmp, 'never')}\nCOUNT=1`);
   await page.goto(base + '/jobs/' + jobId);
-  await page.waitForSelector('#log .line .lt >> text=waiting for the gate', { timeout: 30000 });
+  await page.waitForSelector('#log .line .lt >> text="waiting for the gate"', { timeout: 30000 });
   await Promise.all([page.waitForURL(base + '/jobs/' + jobId), page.click('#cancel-job')]);
   await page.waitForSelector('#job-status [data-status="cancelled"]', { timeout: 30000 });
   await page.waitForSelector('#log[data-ended="cancelled"]', { timeout: 30000 });
@@ -277,9 +277,9 @@ test('a dropped stream (server restart) resumes with no duplicated or missing li
   const count = 60;
   const { jobId } = await triggerFromUi(page, `GATE=${gate}\nCOUNT=${count}`);
   await page.goto(base + '/jobs/' + jobId);
-  await page.waitForSelector('#log .line .lt >> text=waiting for the gate', { timeout: 30000 });
+  await page.waitForSelector('#log .line .lt >> text="waiting for the gate"', { timeout: 30000 });
   writeFileSync(gate, '');
-  await page.waitForSelector('#log .line .lt >> text=n 5', { timeout: 30000 });
+  await page.waitForSelector('#log .line .lt >> text="n 5"', { timeout: 30000 });
 
   await stop(server);
   const s = await startServer(`127.0.0.1:${port}`);
