@@ -2,14 +2,15 @@
 //! its own job in queue order, only jobs whose labels it carries, a lease of its own, and runners
 //! left over when the queue runs dry get nothing.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
 
-use common::PgDb;
+use common::Backend;
 use outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
+use outpost_server::pipeline;
 use outpost_server::store::{ClaimRequest, NewRun, Store};
-use outpost_server::{Settings, pipeline};
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -34,7 +35,9 @@ async fn runner(store: &Store, name: &str, label: &str) -> ClaimRequest {
     }
 }
 
-async fn batch_claims_each_runner_its_own_job(store: &Store) {
+async fn batch_claims_each_runner_its_own_job(backend: Backend) {
+    let db = test_db!(backend);
+    let store = &db.open().await;
     let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
     store.put_pipeline("batch", PIPELINE, &def).await.unwrap();
     let run = store
@@ -119,36 +122,7 @@ async fn batch_claims_each_runner_its_own_job(store: &Store) {
             .is_err(),
         "a lease from the same batch is not valid for another job"
     );
-}
-
-fn settings(dir: &std::path::Path, pg: Option<&PgDb>) -> Settings {
-    let mut settings = Settings {
-        data_dir: dir.to_path_buf(),
-        ..Default::default()
-    };
-    settings.database.url = pg.map(|p| p.url.clone());
-    settings.database.max_connections = 4;
-    settings
-}
-
-#[tokio::test]
-async fn batched_claims_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = outpost_server::open_store(&settings(dir.path(), None))
-        .await
-        .unwrap();
-    batch_claims_each_runner_its_own_job(&store).await;
-}
-
-#[tokio::test]
-async fn batched_claims_postgres() {
-    let Some(pg) = PgDb::new("outpost_claims").await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let store = outpost_server::open_store(&settings(dir.path(), Some(&pg)))
-        .await
-        .unwrap();
-    batch_claims_each_runner_its_own_job(&store).await;
     store.close().await;
 }
+
+backend_tests!(batch_claims_each_runner_its_own_job);

@@ -5,18 +5,17 @@
 
 #[path = "common/claimed_job.rs"]
 mod claimed_job;
+#[macro_use]
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use claimed_job::ClaimedJob;
-use common::PgDb;
+use common::Backend;
 use futures::StreamExt;
 use outpost_protocol::sse::LogEvent;
 use outpost_protocol::{Client, CompleteRequest, JobStatus};
-use outpost_server::Store;
 
 /// Viewers that start at byte 0 while the job runs.
 const VIEWERS: usize = 40;
@@ -26,8 +25,10 @@ fn line(i: usize) -> String {
     format!("línea {i:06} – déploiement €✓ {}\n", "x".repeat(i % 37))
 }
 
-async fn many_viewers_see_the_whole_log(store: Arc<Store>, data_dir: &std::path::Path) {
-    let set = ClaimedJob::start(store.clone(), data_dir, "live").await;
+async fn many_viewers_see_the_whole_log(backend: Backend) {
+    let db = test_db!(backend);
+    let set = ClaimedJob::start(&db, "live").await;
+    let store = set.store.clone();
     let (base, runner, read) = (set.base.clone(), set.runner.clone(), set.read.clone());
     let (job, lease) = (set.job, set.lease.clone());
 
@@ -139,21 +140,4 @@ async fn many_viewers_see_the_whole_log(store: Arc<Store>, data_dir: &std::path:
     set.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_viewers_see_the_whole_log_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/outpost.db", dir.path().display());
-    let store = Arc::new(Store::connect(&url, 4).await.unwrap());
-    many_viewers_see_the_whole_log(store, dir.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_viewers_see_the_whole_log_postgres() {
-    let Some(db) = PgDb::new("outpost_live_log").await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::connect(&db.url, 8).await.unwrap());
-    many_viewers_see_the_whole_log(store.clone(), dir.path()).await;
-    store.close().await;
-}
+backend_tests!(multi_thread: many_viewers_see_the_whole_log);

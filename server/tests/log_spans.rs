@@ -6,16 +6,15 @@
 
 #[path = "common/claimed_job.rs"]
 mod claimed_job;
+#[macro_use]
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use claimed_job::ClaimedJob;
-use common::PgDb;
+use common::Backend;
 use outpost_protocol::{CompleteRequest, JobStatus};
-use outpost_server::Store;
 use outpost_server::ansi::{Renderer, Span};
 use serde_json::Value;
 
@@ -80,8 +79,9 @@ fn merge(spans: impl IntoIterator<Item = Value>) -> Vec<Value> {
     out
 }
 
-async fn spans_ride_along_the_plain_stream(store: Arc<Store>, data_dir: &std::path::Path) {
-    let set = ClaimedJob::start(store.clone(), data_dir, "spans").await;
+async fn spans_ride_along_the_plain_stream(backend: Backend) {
+    let db = test_db!(backend);
+    let set = ClaimedJob::start(&db, "spans").await;
     let (base, runner, read) = (set.base.clone(), set.runner.clone(), set.read.clone());
     let (job, lease) = (set.job, set.lease.clone());
 
@@ -217,21 +217,4 @@ async fn spans_ride_along_the_plain_stream(store: Arc<Store>, data_dir: &std::pa
     set.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_ride_along_the_plain_stream_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/outpost.db", dir.path().display());
-    let store = Arc::new(Store::connect(&url, 4).await.unwrap());
-    spans_ride_along_the_plain_stream(store, dir.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_ride_along_the_plain_stream_postgres() {
-    let Some(db) = PgDb::new("outpost_log_spans").await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::connect(&db.url, 8).await.unwrap());
-    spans_ride_along_the_plain_stream(store.clone(), dir.path()).await;
-    store.close().await;
-}
+backend_tests!(multi_thread: spans_ride_along_the_plain_stream);

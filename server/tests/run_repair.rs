@@ -3,12 +3,13 @@
 //! `Store::settle_run`) is moved on by the reaper's repair, and a run that still has open jobs is
 //! left alone.
 
+#[macro_use]
 mod common;
 
-use common::PgDb;
+use common::Backend;
 use outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
+use outpost_server::pipeline;
 use outpost_server::store::{ClaimRequest, Db, NewRun, Store};
-use outpost_server::{Settings, pipeline};
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -31,7 +32,9 @@ async fn end_without_advance(store: &Store, job_id: Uuid) {
     }
 }
 
-async fn stalled_runs_are_moved_on(store: &Store) {
+async fn stalled_runs_are_moved_on(backend: Backend) {
+    let db = test_db!(backend);
+    let store = &db.open().await;
     let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
     store.put_pipeline("repair", PIPELINE, &def).await.unwrap();
     let run = store
@@ -97,36 +100,7 @@ async fn stalled_runs_are_moved_on(store: &Store) {
         0,
         "a final run is left alone"
     );
-}
-
-fn settings(dir: &std::path::Path, pg: Option<&PgDb>) -> Settings {
-    let mut settings = Settings {
-        data_dir: dir.to_path_buf(),
-        ..Default::default()
-    };
-    settings.database.url = pg.map(|p| p.url.clone());
-    settings.database.max_connections = 4;
-    settings
-}
-
-#[tokio::test]
-async fn stalled_runs_are_repaired_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = outpost_server::open_store(&settings(dir.path(), None))
-        .await
-        .unwrap();
-    stalled_runs_are_moved_on(&store).await;
-}
-
-#[tokio::test]
-async fn stalled_runs_are_repaired_postgres() {
-    let Some(pg) = PgDb::new("outpost_repair").await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let store = outpost_server::open_store(&settings(dir.path(), Some(&pg)))
-        .await
-        .unwrap();
-    stalled_runs_are_moved_on(&store).await;
     store.close().await;
 }
+
+backend_tests!(stalled_runs_are_moved_on);

@@ -4,9 +4,10 @@
 //! Every answer but a runner's acquire is checked not to contain a secret value, and the SQLite
 //! files on disk are read byte by byte to check that no value is stored in the clear.
 
+#[macro_use]
 mod common;
 
-use common::PgDb;
+use common::{Backend, TestDb};
 
 use std::path::Path;
 use std::process::Stdio;
@@ -39,8 +40,7 @@ fn pipeline(secrets: &[&str]) -> String {
 }
 
 struct Env {
-    dir: tempfile::TempDir,
-    pg: Option<PgDb>,
+    db: TestDb,
     state: AppState,
     admin: String,
     read: String,
@@ -49,27 +49,17 @@ struct Env {
     answers: Mutex<Vec<(String, String)>>,
 }
 
-/// Settings for a fresh database (`pg` or a SQLite file under `dir`) with `key` configured.
-fn settings_for(dir: &Path, pg: Option<&PgDb>, key: Option<&str>) -> Settings {
-    let mut settings = Settings {
-        data_dir: dir.to_path_buf(),
-        ..Default::default()
-    };
-    settings.database.url = pg.map(|p| p.url.clone());
-    settings.database.max_connections = 4;
+/// Settings for the test's database with `key` configured.
+fn settings_for(db: &TestDb, key: Option<&str>) -> Settings {
+    let mut settings = db.settings();
     settings.secrets.key = key.map(|k| secrets::Redacted(k.to_string()));
     settings
 }
 
-async fn env(postgres: bool) -> Option<Env> {
-    let dir = tempfile::tempdir().unwrap();
-    let pg = if postgres {
-        Some(PgDb::new("outpost_secrets").await?)
-    } else {
-        None
-    };
+async fn env(backend: Backend) -> Option<Env> {
+    let db = TestDb::new(backend).await?;
     let key = secrets::generate_key();
-    let settings = settings_for(dir.path(), pg.as_ref(), Some(&key));
+    let settings = settings_for(&db, Some(&key));
     let store = outpost_server::open_store(&settings)
         .await
         .expect("the store opens");
@@ -89,8 +79,7 @@ async fn env(postgres: bool) -> Option<Env> {
         entra: None,
     };
     let mut env = Env {
-        dir,
-        pg,
+        db,
         state,
         admin,
         read,
@@ -195,8 +184,8 @@ impl Env {
                 );
             }
         }
-        let files = assert_files_hold_no_value(self.dir.path());
-        if self.pg.is_none() {
+        let files = assert_files_hold_no_value(self.db.dir());
+        if self.db.backend() == Backend::Sqlite {
             assert!(files >= 2, "the SQLite database and its WAL were read");
         }
     }
@@ -232,7 +221,7 @@ fn error_message(body: &str) -> String {
 }
 
 /// What the SQLite and PostgreSQL tests both go through.
-async fn delivery_scenario(env: Env) {
+async fn delivers_listed_secrets_only_and_never_answers_a_value(env: Env) {
     for (name, yaml) in [
         ("web", pipeline(&["REGISTRY_PASSWORD"])),
         ("shared", pipeline(&["REGISTRY_PASSWORD"])),
@@ -431,31 +420,12 @@ async fn delivery_scenario(env: Env) {
     env.assert_no_value_leaked();
 }
 
-#[tokio::test]
-async fn sqlite_delivers_listed_secrets_only_and_never_answers_a_value() {
-    delivery_scenario(env(false).await.unwrap()).await;
-}
-
-#[tokio::test]
-async fn postgres_delivers_listed_secrets_only_and_never_answers_a_value() {
-    let Some(env) = env(true).await else { return };
-    delivery_scenario(env).await;
-}
-
 /// Start-up with secrets stored: no key, a wrong key, the right key, and the key from a file.
-async fn key_check_scenario(postgres: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let pg = if postgres {
-        match PgDb::new("outpost_secrets").await {
-            Some(pg) => Some(pg),
-            None => return,
-        }
-    } else {
-        None
-    };
+async fn start_refuses_a_missing_or_wrong_key(backend: Backend) {
+    let db = test_db!(backend);
     let key = secrets::generate_key();
     let open = |key: Option<&str>| {
-        let settings = settings_for(dir.path(), pg.as_ref(), key);
+        let settings = settings_for(&db, key);
         async move { outpost_server::open_store(&settings).await }
     };
 
@@ -499,28 +469,23 @@ async fn key_check_scenario(postgres: bool) {
     assert!(open(None).await.is_err());
     assert!(open(Some(&secrets::generate_key())).await.is_err());
 
-    let file = dir.path().join("key");
+    let file = db.dir().join("key");
     std::fs::write(&file, format!("{key}\n")).unwrap();
-    let mut settings = settings_for(dir.path(), pg.as_ref(), None);
+    let mut settings = settings_for(&db, None);
     settings.secrets.key_file = Some(file);
     let store = outpost_server::open_store(&settings).await.unwrap();
     assert!(store.has_secrets_key());
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_start_refuses_a_missing_or_wrong_key() {
-    key_check_scenario(false).await;
-}
-
-#[tokio::test]
-async fn postgres_start_refuses_a_missing_or_wrong_key() {
-    key_check_scenario(true).await;
-}
+backend_tests!(
+    delivers_listed_secrets_only_and_never_answers_a_value with env,
+    start_refuses_a_missing_or_wrong_key,
+);
 
 #[tokio::test]
 async fn a_ciphertext_moved_to_another_name_is_not_delivered() {
-    let env = env(false).await.unwrap();
+    let env = env(Backend::Sqlite).await.unwrap();
     env.admin(
         "PUT",
         "/api/v1/pipelines/web",

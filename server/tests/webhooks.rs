@@ -3,9 +3,10 @@
 //! real router (`oneshot`) to a real SQLite file or PostgreSQL database. Every accepted delivery
 //! must start exactly the runs its pipelines' triggers select, and nothing else may start any.
 
+#[macro_use]
 mod common;
 
-use common::PgDb;
+use common::{Backend, TestDb};
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,11 +17,11 @@ use axum::http::{Request, StatusCode, header};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use outpost_protocol::{Run, TriggerKind};
+use outpost_server::Store;
 use outpost_server::api::{AppState, router};
 use outpost_server::secrets::Redacted;
 use outpost_server::settings::GenericHookSettings;
 use outpost_server::store::{Scope, WebhookDeliveryList};
-use outpost_server::{Settings, Store};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +42,7 @@ const MAX_BODY: usize = 64 * 1024;
 // ---------------------------------------------------------------------------------------------
 
 struct Env {
-    _dir: tempfile::TempDir,
-    _pg: Option<PgDb>,
+    _db: TestDb,
     state: AppState,
     admin: String,
     read: String,
@@ -50,19 +50,9 @@ struct Env {
 
 /// A fresh store with every webhook source configured, or `None` when PostgreSQL was asked for
 /// and is not there.
-async fn env(postgres: bool) -> Option<Env> {
-    let dir = tempfile::tempdir().unwrap();
-    let pg = if postgres {
-        Some(PgDb::new("outpost_hooks").await?)
-    } else {
-        None
-    };
-    let mut settings = Settings {
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    settings.database.url = pg.as_ref().map(|p| p.url.clone());
-    settings.database.max_connections = 4;
+async fn env(backend: Backend) -> Option<Env> {
+    let db = TestDb::new(backend).await?;
+    let mut settings = db.settings();
     // Smaller than every GitHub fixture: webhooks must have a limit of their own.
     settings.server.max_body_bytes = 4 * 1024;
     settings.secrets.key = Some(Redacted(outpost_server::secrets::generate_key()));
@@ -94,8 +84,7 @@ async fn env(postgres: bool) -> Option<Env> {
         .await
         .unwrap();
     Some(Env {
-        _dir: dir,
-        _pg: pg,
+        _db: db,
         state: AppState {
             store,
             settings: Arc::new(settings),
@@ -351,7 +340,7 @@ fn new_id() -> String {
 // GitHub
 // ---------------------------------------------------------------------------------------------
 
-async fn github_scenario(env: Env) {
+async fn github(env: Env) {
     let repo = "Codertocat/Hello-World";
     env.apply(
         "gh-master",
@@ -753,23 +742,11 @@ async fn github_scenario(env: Env) {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn github_sqlite() {
-    github_scenario(env(false).await.unwrap()).await;
-}
-
-#[tokio::test]
-async fn github_postgres() {
-    if let Some(env) = env(true).await {
-        github_scenario(env).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // GitLab
 // ---------------------------------------------------------------------------------------------
 
-async fn gitlab_scenario(env: Env) {
+async fn gitlab(env: Env) {
     env.apply(
         "gl-master",
         "  - gitlab: { project: mike/diaspora, events: [push], branches: [master] }",
@@ -1002,23 +979,11 @@ async fn gitlab_scenario(env: Env) {
     );
 }
 
-#[tokio::test]
-async fn gitlab_sqlite() {
-    gitlab_scenario(env(false).await.unwrap()).await;
-}
-
-#[tokio::test]
-async fn gitlab_postgres() {
-    if let Some(env) = env(true).await {
-        gitlab_scenario(env).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Azure DevOps
 // ---------------------------------------------------------------------------------------------
 
-async fn azure_devops_scenario(env: Env) {
+async fn azure_devops(env: Env) {
     env.apply("ado-push", "  - azure_devops: { repository: Fabrikam-Fiber-Git, events: [git.push], branches: [master] }").await;
     env.apply(
         "ado-main",
@@ -1162,23 +1127,11 @@ async fn azure_devops_scenario(env: Env) {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn azure_devops_sqlite() {
-    azure_devops_scenario(env(false).await.unwrap()).await;
-}
-
-#[tokio::test]
-async fn azure_devops_postgres() {
-    if let Some(env) = env(true).await {
-        azure_devops_scenario(env).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Generic, and sources without a secret
 // ---------------------------------------------------------------------------------------------
 
-async fn generic_scenario(env: Env) {
+async fn generic(env: Env) {
     env.apply("hook", "  - generic: {}").await;
     env.apply("hook-plain", "  - github: { repo: acme/web }")
         .await;
@@ -1337,25 +1290,13 @@ async fn generic_scenario(env: Env) {
     );
 }
 
-#[tokio::test]
-async fn generic_sqlite() {
-    generic_scenario(env(false).await.unwrap()).await;
-}
-
-#[tokio::test]
-async fn generic_postgres() {
-    if let Some(env) = env(true).await {
-        generic_scenario(env).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Runs that cannot start, and retries
 // ---------------------------------------------------------------------------------------------
 
 /// A pipeline whose secret is missing cannot start; the delivery answers 422 and may be
 /// redelivered once the secret is set, while the pipeline that did start is not started again.
-async fn retry_scenario(env: Env) {
+async fn retry(env: Env) {
     let repo = "Codertocat/Hello-World";
     env.apply("plain", &format!("  - github: {{ repo: {repo} }}"))
         .await;
@@ -1424,14 +1365,4 @@ async fn retry_scenario(env: Env) {
     assert!(answer.reason().contains("TOKEN"), "{}", answer.reason());
 }
 
-#[tokio::test]
-async fn retry_sqlite() {
-    retry_scenario(env(false).await.unwrap()).await;
-}
-
-#[tokio::test]
-async fn retry_postgres() {
-    if let Some(env) = env(true).await {
-        retry_scenario(env).await;
-    }
-}
+backend_tests!(github with env, gitlab with env, azure_devops with env, generic with env, retry with env);

@@ -82,23 +82,16 @@ fn log_body(store: Arc<Store>, job: Uuid, from: u64, to: u64) -> HttpBody {
                 return None;
             }
             match store.read_log(job, offset, PAGE_CHUNKS).await {
-                Ok(chunks) if !chunks.is_empty() => {
+                Ok(chunks) => {
                     let mut buf = Vec::new();
-                    let mut next = offset;
-                    for c in chunks {
-                        let start = c.start_offset.max(0) as u64;
-                        let end = (start + c.data.len() as u64).min(to);
-                        if end <= next {
-                            continue;
-                        }
-                        buf.extend_from_slice(
-                            &c.data[(next - start) as usize..(end - start) as usize],
-                        );
-                        next = end;
+                    let next = copy_range(&chunks, offset, to, &mut buf);
+                    // Nothing copied: the log ends here (or has a gap, which a stored log never
+                    // has); reading the same page again would copy nothing again.
+                    if next == offset {
+                        return None;
                     }
                     Some((Ok::<Bytes, std::io::Error>(Bytes::from(buf)), next))
                 }
-                Ok(_) => None,
                 Err(e) => Some((Err(std::io::Error::other(e.to_string())), to)),
             }
         }
@@ -207,17 +200,19 @@ const TAIL_RECHECK: Duration = Duration::from_secs(5);
 /// How long a viewer waits for a wake-up before re-checking anyway.
 const STREAM_RECHECK: Duration = Duration::from_secs(10);
 
-/// Appends to `out` the bytes of `chunks` (in log order) from offset `from` on, up to the first
-/// gap; returns the offset after the last byte copied.
-fn copy_from(chunks: &[crate::store::LogChunk], from: u64, out: &mut Vec<u8>) -> u64 {
+/// Appends to `out` the bytes of `chunks` (in log order) from offset `from` up to offset `to`
+/// (exclusive), stopping at the first gap; returns the offset after the last byte copied.
+///
+/// The whole log (`GET …/log`) passes its size as `to`; the live log passes `u64::MAX`.
+fn copy_range(chunks: &[crate::store::LogChunk], from: u64, to: u64, out: &mut Vec<u8>) -> u64 {
     let mut next = from;
     for c in chunks {
         let start = c.start_offset.max(0) as u64;
-        let end = start + c.data.len() as u64;
+        let end = (start + c.data.len() as u64).min(to);
         if end <= next || start > next {
             continue;
         }
-        out.extend_from_slice(&c.data[(next - start) as usize..]);
+        out.extend_from_slice(&c.data[(next - start) as usize..(end - start) as usize]);
         next = end;
     }
     next
@@ -260,7 +255,7 @@ async fn read_tail(
             let mut next = begin;
             while next < size {
                 let chunks = store.read_log(job, next, PAGE_CHUNKS).await?;
-                let copied_to = copy_from(&chunks, next, &mut t.bytes);
+                let copied_to = copy_range(&chunks, next, u64::MAX, &mut t.bytes);
                 if copied_to == next {
                     // Nothing more (or a gap, which a stored log never has): stop here.
                     break;
@@ -367,7 +362,7 @@ impl StreamState {
             if !in_tail && from < size {
                 // Behind the shared tail (history, or a slow reader): read a page ourselves.
                 let chunks = self.store.read_log(self.job, from, PAGE_CHUNKS).await?;
-                copy_from(&chunks, from, &mut got);
+                copy_range(&chunks, from, u64::MAX, &mut got);
             }
             if let Some(to) = self.to {
                 got.truncate(to.saturating_sub(from) as usize);
@@ -549,6 +544,36 @@ mod tests {
         let mut carry = vec![b'a', 0xe2, 0x82];
         assert_eq!(take_text(&mut carry, true), "a\u{fffd}");
         assert!(carry.is_empty());
+    }
+
+    #[test]
+    fn copies_a_range_through_overlaps_up_to_a_gap_or_the_bound() {
+        let chunk = |start: i64, data: &str| crate::store::LogChunk {
+            start_offset: start,
+            data: data.into(),
+        };
+        // Bytes 0..6 in two overlapping chunks, then a gap (6..8) before the last chunk.
+        let chunks = [chunk(0, "abcd"), chunk(2, "cdef"), chunk(8, "ij")];
+        let copy = |from: u64, to: u64| {
+            let mut out = b">".to_vec();
+            let next = copy_range(&chunks, from, to, &mut out);
+            (next, String::from_utf8(out).unwrap())
+        };
+        // The overlap is copied once, and the copy stops at the gap.
+        assert_eq!(copy(0, u64::MAX), (6, ">abcdef".into()));
+        assert_eq!(copy(1, u64::MAX), (6, ">bcdef".into()));
+        assert_eq!(copy(3, u64::MAX), (6, ">def".into()));
+        // The upper bound cuts inside the first chunk and inside the overlapping one.
+        assert_eq!(copy(0, 3), (3, ">abc".into()));
+        assert_eq!(copy(1, 5), (5, ">bcde".into()));
+        assert_eq!(copy(2, 2), (2, ">".into()));
+        // At or inside the gap nothing is copied; past it, the last chunk is.
+        assert_eq!(copy(6, u64::MAX), (6, ">".into()));
+        assert_eq!(copy(7, u64::MAX), (7, ">".into()));
+        assert_eq!(copy(8, 9), (9, ">i".into()));
+        assert_eq!(copy(9, u64::MAX), (10, ">j".into()));
+        // Past the end, nothing.
+        assert_eq!(copy(10, u64::MAX), (10, ">".into()));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! A real server on 127.0.0.1 over a test's store, with one job claimed by a runner: the set-up of
 //! the live-log tests, which need a real TCP listener for their Server-Sent Events.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +11,14 @@ use outpost_server::{Settings, Store, pipeline};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::common::{Backend, TestDb};
+
 const PIPELINE: &str = "jobs:\n  build:\n    runs_on: [x]\n    steps:\n      - run: 'true'\n";
 
 /// The running server and the claimed job.
 pub struct ClaimedJob {
+    /// The store the server serves.
+    pub store: Arc<Store>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
     /// The runner that holds the job, by its runner token.
@@ -31,10 +34,16 @@ pub struct ClaimedJob {
 }
 
 impl ClaimedJob {
-    /// Serves `store` and has a runner claim the one job of a new run of pipeline `name`.
-    pub async fn start(store: Arc<Store>, data_dir: &Path, name: &str) -> ClaimedJob {
+    /// Opens a store on `db`, serves it and has a runner claim the one job of a new run of
+    /// pipeline `name`.
+    pub async fn start(db: &TestDb, name: &str) -> ClaimedJob {
+        let connections = match db.backend() {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 8,
+        };
+        let store = Arc::new(Store::connect(&db.url(), connections).await.unwrap());
         let settings = Settings {
-            data_dir: data_dir.to_path_buf(),
+            data_dir: db.dir().to_path_buf(),
             ..Default::default()
         };
         let shutdown = CancellationToken::new();
@@ -83,6 +92,7 @@ impl ClaimedJob {
             .unwrap()
             .expect("the job is handed out");
         ClaimedJob {
+            store,
             base,
             runner,
             job: claim.job.id,
@@ -93,9 +103,10 @@ impl ClaimedJob {
         }
     }
 
-    /// Stops the server and waits for it.
+    /// Stops the server, waits for it and closes the store.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.server.await.unwrap();
+        self.store.close().await;
     }
 }
