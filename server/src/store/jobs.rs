@@ -83,6 +83,33 @@ const COMPLETE_POSTGRES: &str = "UPDATE jobs SET status = $3, exit_code = $4, fi
      WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 \
      RETURNING run_id, (SELECT pg_notify($6, $7)) IS NULL AS notified";
 
+/// A completion on PostgreSQL that changes nothing but its own job, as one statement: the fenced
+/// update (with its notification, like [`COMPLETE_POSTGRES`]) and the job's leftover steps (`$8`
+/// for a step still running), only if the run is `running`, no job of it waits on `needs` and
+/// another job of it is still queued or running (the job itself is still running in the
+/// statement's snapshot, hence `open >= 2`). Most completions are such; they take one round trip
+/// where the transaction of [`Store::complete_job`] takes five. Anything else (the last open job,
+/// a job others need, a lost lease, a retry) returns no row, changes nothing, and takes the
+/// transaction. Like the transaction's own check, the snapshot may miss a sibling completing at
+/// the same moment; [`Store::settle_run`] after the commit catches that.
+const COMPLETE_QUIET_POSTGRES: &str = "WITH progress AS ( \
+       SELECT r.status AS run_status, \
+         COUNT(*) FILTER (WHERE j.status = 'pending') AS pending, \
+         COUNT(*) FILTER (WHERE j.status IN ('queued', 'running')) AS open \
+       FROM jobs me JOIN runs r ON r.id = me.run_id JOIN jobs j ON j.run_id = me.run_id \
+       WHERE me.id = $1 GROUP BY r.status), \
+     done AS ( \
+       UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
+       FROM progress \
+       WHERE jobs.id = $1 AND jobs.status = 'running' AND jobs.lease_token_hash = $2 AND jobs.lease_expires_at > $5 \
+         AND progress.run_status = 'running' AND progress.pending = 0 AND progress.open >= 2 \
+       RETURNING jobs.run_id, (SELECT pg_notify($6, $7)) IS NULL AS notified), \
+     steps_ended AS ( \
+       UPDATE steps SET status = CASE WHEN status = 'running' THEN $8 ELSE 'skipped' END, \
+         finished_at = COALESCE(finished_at, $5) \
+       WHERE job_id = $1 AND status IN ('pending', 'running') AND EXISTS (SELECT 1 FROM done)) \
+     SELECT run_id, notified FROM done";
+
 /// One runner asking for a job, in a batch of claims.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
@@ -413,6 +440,22 @@ impl Store {
         let now = Utc::now();
         let hash = hash_token(lease_token);
         let postgres = self.is_postgres();
+        if let super::Db::Postgres(pool) = &self.db {
+            let quiet: Option<(Uuid, bool)> = sqlx::query_as(COMPLETE_QUIET_POSTGRES)
+                .bind(job_id)
+                .bind(&hash)
+                .bind(req.status.as_str())
+                .bind(req.exit_code)
+                .bind(now)
+                .bind(crate::events::CHANNEL)
+                .bind(format!("log:{job_id}"))
+                .bind(leftover_step_status(req.status).as_str())
+                .fetch_optional(pool)
+                .await?;
+            if let Some((run_id, _)) = quiet {
+                return self.completed(job_id, run_id, false).await;
+            }
+        }
         let _w = self.write_guard().await;
         let done: Option<(Uuid, bool)> = dispatch!(self, pool => {
             let mut tx = pool.begin_with(self.begin_write()).await?;
@@ -461,22 +504,7 @@ impl Store {
         });
         drop(_w);
         match done {
-            Some((run_id, queued)) => {
-                // Two jobs completing at once without the run's lock may each have seen the
-                // other still running; whichever committed last sees both ended here.
-                let queued = if self.writes_serialised() {
-                    queued
-                } else {
-                    self.settle_run(run_id).await? || queued
-                };
-                if queued {
-                    self.events.publish_jobs().await;
-                }
-                // Other replicas were notified by the completing statement itself (PostgreSQL);
-                // SQLite has no other replicas.
-                self.events.wake_log_local(job_id);
-                Ok(CompleteOutcome { run_id })
-            }
+            Some((run_id, queued)) => self.completed(job_id, run_id, queued).await,
             None => {
                 // An identical retry by the lease holder is fine; anything else is fenced out.
                 let row: Option<(String, Option<String>, Uuid)> = dispatch!(self, pool => {
@@ -498,6 +526,29 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// What follows a committed completion of `job_id`; `queued` says whether it queued a job.
+    async fn completed(
+        &self,
+        job_id: Uuid,
+        run_id: Uuid,
+        queued: bool,
+    ) -> StoreResult<CompleteOutcome> {
+        // Two jobs completing at once without the run's lock may each have seen the other still
+        // running; whichever committed last sees both ended here.
+        let queued = if self.writes_serialised() {
+            queued
+        } else {
+            self.settle_run(run_id).await? || queued
+        };
+        if queued {
+            self.events.publish_jobs().await;
+        }
+        // Other replicas were notified by the completing statement itself (PostgreSQL); SQLite
+        // has no other replicas.
+        self.events.wake_log_local(job_id);
+        Ok(CompleteOutcome { run_id })
     }
 
     /// Ends expired leases: a job whose runner never confirmed it (no heartbeat, log or step

@@ -350,35 +350,8 @@ impl Store {
         variables.extend(new.variables.clone());
         // Secrets: every one the pipeline lists must be set now; the jobs record only the names.
         self.require_secrets(&new.pipeline, &def.secrets).await?;
-        let _w = self.write_guard().await;
-        // The number is taken in its own short statement, so concurrent triggers of one pipeline
-        // hold the pipeline row only for that instant rather than for the whole insert. A run
-        // whose insert then fails leaves a gap in the numbering, nothing worse.
-        let number: Option<(i64,)> = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
-            // Invoke runs have no pipeline row: they count in a table of their own.
-            dispatch!(self, pool => {
-                sqlx::query_as(
-                    "INSERT INTO run_numbers (pipeline, next_number) VALUES ($1, 2) \
-                     ON CONFLICT (pipeline) DO UPDATE SET next_number = run_numbers.next_number + 1 \
-                     RETURNING next_number - 1",
-                )
-                .bind(&new.pipeline)
-                .fetch_optional(pool)
-                .await?
-            })
-        } else {
-            dispatch!(self, pool => {
-                sqlx::query_as(
-                    "UPDATE pipelines SET next_run_number = next_run_number + 1 WHERE name = $1 RETURNING next_run_number - 1",
-                )
-                .bind(&new.pipeline)
-                .fetch_optional(pool)
-                .await?
-            })
-        };
-        let Some((number,)) = number else {
-            return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
-        };
+        // The jobs and the specs their runners will get; the run's number is filled in when the
+        // database has handed it out.
         let mut jobs = Vec::with_capacity(def.jobs.len());
         let mut specs = Vec::with_capacity(def.jobs.len());
         for job in &def.jobs {
@@ -391,7 +364,7 @@ impl Store {
             specs.push(AssignedJob {
                 id: job_id,
                 run_id,
-                run_number: number,
+                run_number: 0,
                 pipeline: new.pipeline.clone(),
                 name: job.name.clone(),
                 steps: job.steps.clone(),
@@ -438,63 +411,24 @@ impl Store {
                     .collect(),
             });
         }
-        dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
-            sqlx::query(
-                "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
-                 VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
-            )
-            .bind(run_id)
-            .bind(&new.pipeline)
-            .bind(number)
-            .bind(Json(&new.trigger))
-            .bind(Json(&new.variables))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            // Multi-row inserts: one statement per table rather than one per job and step.
-            for chunk in jobs.iter().zip(&specs).enumerate().collect::<Vec<_>>().chunks(500) {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
-                     environment, timeout_secs, spec, created_at, queued_at) ",
-                );
-                qb.push_values(chunk, |mut b, (position, (job, spec))| {
-                    b.push_bind(job.id)
-                        .push_bind(run_id)
-                        .push_bind(job.pipeline.clone())
-                        .push_bind(job.name.clone())
-                        .push_bind(*position as i32)
-                        .push_bind(job.status.as_str())
-                        .push_bind(Json(job.runs_on.clone()))
-                        .push_bind(Json(job.needs.clone()))
-                        .push_bind(job.cluster.clone())
-                        .push_bind(job.environment.clone())
-                        .push_bind(job.timeout_secs as i64)
-                        .push_bind(Json((*spec).clone()))
-                        .push_bind(now)
-                        .push_bind(if job.status == JobStatus::Queued { Some(now) } else { None });
-                });
-                qb.build().execute(&mut *tx).await?;
+        let number = match &self.db {
+            super::Db::Postgres(pool) => {
+                create_run_postgres(pool, run_id, &new, now, &jobs, &specs).await?
             }
-            let steps: Vec<(Uuid, &Step)> = jobs
-                .iter()
-                .flat_map(|j| j.steps.iter().map(move |st| (j.id, st)))
-                .collect();
-            for chunk in steps.chunks(1000) {
-                let mut qb = sqlx::QueryBuilder::new("INSERT INTO steps (job_id, idx, name, kind, status) ");
-                qb.push_values(chunk, |mut b, (job_id, st)| {
-                    b.push_bind(*job_id)
-                        .push_bind(st.index as i32)
-                        .push_bind(st.name.clone())
-                        .push_bind(st.kind.clone())
-                        .push_bind("pending");
-                });
-                qb.build().execute(&mut *tx).await?;
+            super::Db::Sqlite(pool) => {
+                let _w = self.write_guard().await;
+                self.create_run_sqlite(pool, run_id, &new, now, &jobs, specs)
+                    .await?
             }
-            tx.commit().await?;
-        });
-        drop(_w);
-        self.events.publish_jobs().await;
+        };
+        let Some(number) = number else {
+            return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
+        };
+        // On PostgreSQL the statement itself notified the other replicas.
+        match &self.db {
+            super::Db::Postgres(_) => self.events.wake_jobs_local(),
+            super::Db::Sqlite(_) => self.events.publish_jobs().await,
+        }
         Ok(Run {
             id: run_id,
             pipeline: new.pipeline,
@@ -507,6 +441,104 @@ impl Store {
             finished_at: None,
             jobs,
         })
+    }
+
+    /// [`Store::create_run`] on SQLite: the number in its own statement, then one transaction of
+    /// multi-row inserts, under the writer lock the caller holds. `None` if there is no such
+    /// pipeline.
+    async fn create_run_sqlite(
+        &self,
+        pool: &sqlx::SqlitePool,
+        run_id: Uuid,
+        new: &NewRun,
+        now: DateTime<Utc>,
+        jobs: &[Job],
+        mut specs: Vec<AssignedJob>,
+    ) -> StoreResult<Option<i64>> {
+        // The number is taken in its own short statement, so concurrent triggers of one pipeline
+        // hold the pipeline row only for that instant rather than for the whole insert. A run
+        // whose insert then fails leaves a gap in the numbering, nothing worse.
+        let number: Option<(i64,)> =
+            sqlx::query_as(if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
+                // Invoke runs have no pipeline row: they count in a table of their own.
+                NEXT_INVOKE_NUMBER
+            } else {
+                NEXT_PIPELINE_NUMBER
+            })
+            .bind(&new.pipeline)
+            .fetch_optional(pool)
+            .await?;
+        let Some((number,)) = number else {
+            return Ok(None);
+        };
+        for spec in &mut specs {
+            spec.run_number = number;
+        }
+        let mut tx = pool.begin_with(self.begin_write()).await?;
+        sqlx::query(
+            "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
+             VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
+        )
+        .bind(run_id)
+        .bind(&new.pipeline)
+        .bind(number)
+        .bind(Json(&new.trigger))
+        .bind(Json(&new.variables))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Multi-row inserts: one statement per table rather than one per job and step.
+        for chunk in jobs
+            .iter()
+            .zip(&specs)
+            .enumerate()
+            .collect::<Vec<_>>()
+            .chunks(500)
+        {
+            let mut qb = sqlx::QueryBuilder::new(
+                "INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
+                 environment, timeout_secs, spec, created_at, queued_at) ",
+            );
+            qb.push_values(chunk, |mut b, (position, (job, spec))| {
+                b.push_bind(job.id)
+                    .push_bind(run_id)
+                    .push_bind(job.pipeline.clone())
+                    .push_bind(job.name.clone())
+                    .push_bind(*position as i32)
+                    .push_bind(job.status.as_str())
+                    .push_bind(Json(job.runs_on.clone()))
+                    .push_bind(Json(job.needs.clone()))
+                    .push_bind(job.cluster.clone())
+                    .push_bind(job.environment.clone())
+                    .push_bind(job.timeout_secs as i64)
+                    .push_bind(Json((*spec).clone()))
+                    .push_bind(now)
+                    .push_bind(if job.status == JobStatus::Queued {
+                        Some(now)
+                    } else {
+                        None
+                    });
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        let steps: Vec<(Uuid, &Step)> = jobs
+            .iter()
+            .flat_map(|j| j.steps.iter().map(move |st| (j.id, st)))
+            .collect();
+        for chunk in steps.chunks(1000) {
+            let mut qb =
+                sqlx::QueryBuilder::new("INSERT INTO steps (job_id, idx, name, kind, status) ");
+            qb.push_values(chunk, |mut b, (job_id, st)| {
+                b.push_bind(*job_id)
+                    .push_bind(st.index as i32)
+                    .push_bind(st.name.clone())
+                    .push_bind(st.kind.clone())
+                    .push_bind("pending");
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(number))
     }
 
     /// After a job ended outside the run's lock (PostgreSQL), advances the run if nothing else
@@ -690,6 +722,123 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Takes a pipeline's next run number; no row if there is no such pipeline.
+const NEXT_PIPELINE_NUMBER: &str = "UPDATE pipelines SET next_run_number = next_run_number + 1 \
+     WHERE name = $1 RETURNING next_run_number - 1 AS number";
+
+/// Takes the next number of the invoke runs, which have no pipeline row and count in a table of
+/// their own.
+const NEXT_INVOKE_NUMBER: &str = "INSERT INTO run_numbers (pipeline, next_number) VALUES ($1, 2) \
+     ON CONFLICT (pipeline) DO UPDATE SET next_number = run_numbers.next_number + 1 \
+     RETURNING next_number - 1 AS number";
+
+/// A new run on PostgreSQL as one statement: its number, the run, its jobs and their steps, and
+/// the notification to the other replicas, queued only when the run was created (`$1` pipeline, `$2` run id, `$3` trigger, `$4`
+/// variables, `$5` now, `$6` the jobs and `$7` the steps as JSON arrays, `$8` the channel).
+///
+/// One statement is one round trip and one durable commit, where the number, a transaction of
+/// three inserts and the notification took seven round trips and three commits, all of them
+/// between a trigger and the moment a waiting runner can claim its job. The foreign keys of jobs
+/// and steps are checked at the end of the statement, when the run and the jobs exist. The
+/// pipeline's row is locked from the number to the commit, so triggers of one pipeline commit one
+/// after another, as they did when the number was its own statement.
+const CREATE_RUN_POSTGRES: &str = "WITH n AS ({number}), \
+     r AS (INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
+       SELECT $2, $1, n.number, 'queued', $3, $4, $5 FROM n), \
+     j AS (INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
+         environment, timeout_secs, spec, created_at, queued_at) \
+       SELECT (e->>'id')::uuid, $2, $1, e->>'name', (e->>'position')::int, e->>'status', e->'runs_on', \
+         e->'needs', e->>'cluster', e->>'environment', (e->>'timeout_secs')::bigint, \
+         jsonb_set(e->'spec', '{run_number}', to_jsonb(n.number)), $5, \
+         CASE WHEN e->>'status' = 'queued' THEN $5 END \
+       FROM n, jsonb_array_elements($6) AS e), \
+     s AS (INSERT INTO steps (job_id, idx, name, kind, status) \
+       SELECT (e->>'job_id')::uuid, (e->>'idx')::int, e->>'name', e->>'kind', 'pending' \
+       FROM n, jsonb_array_elements($7) AS e) \
+     SELECT n.number, (SELECT pg_notify($8, 'jobs')) IS NULL AS notified FROM n";
+
+/// One job of [`CREATE_RUN_POSTGRES`]'s `$6`.
+#[derive(serde::Serialize)]
+struct NewJobRow<'a> {
+    id: Uuid,
+    name: &'a str,
+    position: usize,
+    status: &'static str,
+    runs_on: &'a [String],
+    needs: &'a [String],
+    cluster: Option<&'a str>,
+    environment: Option<&'a str>,
+    timeout_secs: u64,
+    spec: &'a AssignedJob,
+}
+
+/// One step of [`CREATE_RUN_POSTGRES`]'s `$7`.
+#[derive(serde::Serialize)]
+struct NewStepRow<'a> {
+    job_id: Uuid,
+    idx: u32,
+    name: &'a str,
+    kind: &'a str,
+}
+
+/// [`Store::create_run`] on PostgreSQL: one statement ([`CREATE_RUN_POSTGRES`]). `None` if there
+/// is no such pipeline.
+async fn create_run_postgres(
+    pool: &sqlx::PgPool,
+    run_id: Uuid,
+    new: &NewRun,
+    now: DateTime<Utc>,
+    jobs: &[Job],
+    specs: &[AssignedJob],
+) -> StoreResult<Option<i64>> {
+    let number_sql = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
+        NEXT_INVOKE_NUMBER
+    } else {
+        NEXT_PIPELINE_NUMBER
+    };
+    let sql = CREATE_RUN_POSTGRES.replace("{number}", number_sql);
+    let job_rows: Vec<NewJobRow> = jobs
+        .iter()
+        .zip(specs)
+        .enumerate()
+        .map(|(position, (job, spec))| NewJobRow {
+            id: job.id,
+            name: &job.name,
+            position,
+            status: job.status.as_str(),
+            runs_on: &job.runs_on,
+            needs: &job.needs,
+            cluster: job.cluster.as_deref(),
+            environment: job.environment.as_deref(),
+            timeout_secs: job.timeout_secs,
+            spec,
+        })
+        .collect();
+    let step_rows: Vec<NewStepRow> = jobs
+        .iter()
+        .flat_map(|j| {
+            j.steps.iter().map(move |st| NewStepRow {
+                job_id: j.id,
+                idx: st.index,
+                name: &st.name,
+                kind: &st.kind,
+            })
+        })
+        .collect();
+    let number: Option<(i64, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&new.pipeline)
+        .bind(run_id)
+        .bind(Json(&new.trigger))
+        .bind(Json(&new.variables))
+        .bind(now)
+        .bind(Json(&job_rows))
+        .bind(Json(&step_rows))
+        .bind(crate::events::CHANNEL)
+        .fetch_optional(pool)
+        .await?;
+    Ok(number.map(|(n, _)| n))
 }
 
 /// The labels a runner needs for a job: its `runs_on`, plus `cluster:NAME` when it names a
