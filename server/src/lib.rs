@@ -124,11 +124,6 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        // Answers and live-log events are small writes that must leave at once, not wait for
-        // the peer's acknowledgement of the previous one (Nagle's algorithm).
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, %peer, "could not set TCP_NODELAY");
-        }
         let service =
             app.clone()
                 .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {

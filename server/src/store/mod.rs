@@ -89,9 +89,6 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
-/// A pooled PostgreSQL connection idle at least this long is pinged before it is used.
-const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
-
 /// The store: a pool and, for SQLite, the single-writer lock.
 #[derive(Debug)]
 pub struct Store {
@@ -129,9 +126,6 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(30))
-                // An embedded database has no connection to lose; sqlx's test before every
-                // acquire is a hop to the connection's thread and back for nothing.
-                .test_before_acquire(false)
                 .connect_with(opts)
                 .await
                 .with_context(|| format!("could not open the SQLite database at {url}"))?;
@@ -152,20 +146,6 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
-                // sqlx pings a connection before every acquire by default: one more round trip
-                // in front of every statement. It also pings each connection when it goes back to
-                // the pool, which finds a connection that a failed statement left broken; so only
-                // a connection that sat idle for a while, which may have died meanwhile (a
-                // PostgreSQL restart), is pinged before use.
-                .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_IDLE_AFTER {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
                 .connect_with(opts)
                 .await
                 .with_context(|| {
