@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::Backend;
-use outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
+use common::{Backend, runner};
+use outpost_protocol::{JobStatus, RunStatus};
 use outpost_server::pipeline;
-use outpost_server::store::{ClaimRequest, NewRun, Store};
+use outpost_server::store::{ClaimRequest, NewRun};
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -23,17 +23,6 @@ jobs:
   b0: { runs_on: [y], steps: [{ run: 'true' }] }
   b1: { runs_on: [y], steps: [{ run: 'true' }] }
 ";
-
-async fn runner(store: &Store, name: &str, label: &str) -> ClaimRequest {
-    // Built from JSON so that fields added to the request later take their defaults.
-    let req: RegisterRequest =
-        serde_json::from_value(serde_json::json!({ "name": name, "labels": [label] })).unwrap();
-    let resp = store.register_runner("default", &req).await.unwrap();
-    ClaimRequest {
-        runner_id: resp.runner_id,
-        labels: vec![label.to_string()],
-    }
-}
 
 async fn batch_claims_each_runner_its_own_job(backend: Backend) {
     let db = test_db!(backend);

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use common::Backend;
-use outpost_protocol::{CompleteRequest, JobStatus, RegisterRequest, RunStatus, StepStatus};
+use outpost_protocol::{CompleteRequest, JobStatus, RunStatus, StepStatus};
 use outpost_server::pipeline::{self, PipelineDef};
 use outpost_server::store::{ClaimRequest, Claimed, NewRun, Store, StoreError};
 use uuid::Uuid;
@@ -87,13 +87,7 @@ async fn the_graph_moves_on_and_the_fence_holds(backend: Backend) {
         "a run of a pipeline that does not exist: {missing:?}"
     );
 
-    let req: RegisterRequest =
-        serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
-    let runner = store.register_runner("default", &req).await.unwrap();
-    let runner = ClaimRequest {
-        runner_id: runner.runner_id,
-        labels: vec!["x".into()],
-    };
+    let runner = common::runner(store, "r", "x").await;
     // The first run, to its end, with the number its runners get.
     for _ in 0..2 {
         let c = claim(store, &runner).await;
@@ -199,13 +193,7 @@ async fn two_last_jobs_end_their_run(backend: Backend) {
     let store: Arc<Store> = db.open().await;
     let def = pipeline::parse(PAIR).expect("the test pipeline parses");
     store.put_pipeline("pair", PAIR, &def).await.unwrap();
-    let req: RegisterRequest =
-        serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
-    let runner = store.register_runner("default", &req).await.unwrap();
-    let runner = ClaimRequest {
-        runner_id: runner.runner_id,
-        labels: vec!["x".into()],
-    };
+    let runner = common::runner(&store, "r", "x").await;
     for round in 0..25 {
         let run = start(&store, "pair", &def).await;
         let one = claim(&store, &runner).await;

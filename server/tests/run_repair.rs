@@ -7,9 +7,9 @@
 mod common;
 
 use common::Backend;
-use outpost_protocol::{JobStatus, RegisterRequest, RunStatus};
+use outpost_protocol::{JobStatus, RunStatus};
 use outpost_server::pipeline;
-use outpost_server::store::{ClaimRequest, Db, NewRun, Store};
+use outpost_server::store::{Db, NewRun, Store};
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -48,13 +48,7 @@ async fn stalled_runs_are_moved_on(backend: Backend) {
         )
         .await
         .unwrap();
-    let req: RegisterRequest =
-        serde_json::from_value(serde_json::json!({ "name": "r", "labels": ["x"] })).unwrap();
-    let runner = store.register_runner("default", &req).await.unwrap();
-    let claim = ClaimRequest {
-        runner_id: runner.runner_id,
-        labels: vec!["x".into()],
-    };
+    let claim = common::runner(store, "r", "x").await;
     let build = store
         .claim_jobs(std::slice::from_ref(&claim), 60)
         .await

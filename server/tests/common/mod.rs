@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_server::store::ClaimRequest;
 use outpost_server::{Settings, Store};
 use tempfile::TempDir;
 
@@ -194,5 +195,17 @@ impl Drop for PgDb {
                 })
         })
         .join();
+    }
+}
+
+/// Registers a runner with one label, as the claims of the store-level tests ask for jobs.
+pub async fn runner(store: &Store, name: &str, label: &str) -> ClaimRequest {
+    // Built from JSON so that fields added to the request later take their defaults.
+    let req: outpost_protocol::RegisterRequest =
+        serde_json::from_value(serde_json::json!({ "name": name, "labels": [label] })).unwrap();
+    let resp = store.register_runner("default", &req).await.unwrap();
+    ClaimRequest {
+        runner_id: resp.runner_id,
+        labels: vec![label.to_string()],
     }
 }
