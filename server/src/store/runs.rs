@@ -455,9 +455,9 @@ impl Store {
         jobs: &[Job],
         mut specs: Vec<AssignedJob>,
     ) -> StoreResult<Option<i64>> {
-        // The number is taken in its own short statement, so concurrent triggers of one pipeline
-        // hold the pipeline row only for that instant rather than for the whole insert. A run
-        // whose insert then fails leaves a gap in the numbering, nothing worse.
+        // The number is its own statement, outside the transaction: a run whose insert then
+        // fails leaves a gap in the numbering, nothing worse. Triggers are serialised by the
+        // writer lock the caller holds.
         let number: Option<(i64,)> =
             sqlx::query_as(if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
                 // Invoke runs have no pipeline row: they count in a table of their own.
