@@ -424,11 +424,8 @@ impl Store {
         let Some(number) = number else {
             return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
         };
-        // On PostgreSQL the statement itself notified the other replicas.
-        match &self.db {
-            super::Db::Postgres(_) => self.events.wake_jobs_local(),
-            super::Db::Sqlite(_) => self.events.publish_jobs().await,
-        }
+        // Other replicas: the PostgreSQL statement notified them; SQLite has none.
+        self.events.wake_jobs_local();
         Ok(Run {
             id: run_id,
             pipeline: new.pipeline,
