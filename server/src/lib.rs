@@ -92,12 +92,21 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// (`server.read_buffer_max_bytes`, [`HEADER_READ_TIMEOUT`]), open requests given at most
 /// `server.shutdown_grace_secs` to end, and the peer address as axum's `ConnectInfo` (it keys the
 /// throttling of failed authentication).
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    app: axum::Router,
+    app: S,
     server: &settings::ServerSettings,
     shutdown: CancellationToken,
-) {
+) where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     use axum::extract::ConnectInfo;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
@@ -179,7 +188,7 @@ pub async fn run(
         Duration::from_millis(settings.queue.reaper_interval_ms.max(10)),
         shutdown.clone(),
     ));
-    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    let app = api::router(state);
     serve(listener, app, &settings.server, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::join!(listen, reaper);

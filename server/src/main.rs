@@ -11,6 +11,11 @@ use outpost_server::store::{Scope, TokenInfo};
 use outpost_server::{Settings, dev, open_store};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than glibc's malloc: with 10,000 runners holding long polls, glibc's heap
+/// fragmented to about 3.5 KiB more per connection (BENCHMARKS.md, sixth round).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Outpost job server: queues deployment jobs for runners inside private networks.
 ///
 /// Settings come from defaults, then the config file, then environment variables named

@@ -155,17 +155,3 @@ impl IntoResponse for ApiError {
         resp
     }
 }
-
-/// Middleware: logs the cause of every 5xx once, with the request it answered.
-pub async fn log_server_errors(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let resp = next.run(req).await;
-    if let Some(cause) = resp.extensions().get::<InternalCause>() {
-        tracing::error!(%method, %path, status = resp.status().as_u16(), cause = %cause.0, "request failed");
-    }
-    resp
-}

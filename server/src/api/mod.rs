@@ -126,10 +126,25 @@ pub fn route_table() -> Vec<Route> {
     ]
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface: every route behind the checks every request passes ([`guard::Edge`])
+/// and the body limits, with a request span for tracing.
 ///
 /// Add a route to [`route_table`], never here: only there does the authorisation matrix see it.
-pub fn router(state: AppState) -> Router {
+///
+/// The layers wrap the router as a whole instead of going through `Router::layer`, which wraps
+/// every route again for each layer and boxes one more future per layer and request: a waiting
+/// runner's acquire holds its request, and those futures, for minutes.
+pub fn router(
+    state: AppState,
+) -> impl tower::Service<
+    axum::extract::Request,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
     let max_body = state.settings.server.max_body_bytes;
     let hook_max_body = state.settings.webhooks.max_body_bytes;
     let any_body = max_body.max(hook_max_body);
@@ -145,7 +160,8 @@ pub fn router(state: AppState) -> Router {
         // Routes on one path merge into one method router.
         app = app.route(r.path, handler);
     }
-    app.merge(crate::web::router())
+    let routes = app
+        .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -154,20 +170,18 @@ pub fn router(state: AppState) -> Router {
                 "this route does not accept that method",
             )
         })
-        .layer(axum::middleware::from_fn(error::log_server_errors))
-        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state);
+    let limited = tower::ServiceBuilder::new()
+        .map_response(|r: axum::http::Response<_>| r.map(axum::body::Body::new))
         // A backstop for every route, whatever reads its body: no request body is ever larger
         // than the largest limit above.
         .layer(RequestBodyLimitLayer::new(any_body))
-        .layer(axum::middleware::from_fn_with_state(
-            any_body,
-            guard::declared_body_limit,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            throttle,
-            guard::throttle_failed_auth,
-        ))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body))
+        .service(routes);
+    tower::ServiceBuilder::new()
+        .map_response(|r: axum::http::Response<_>| r.map(axum::body::Body::new))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .service(guard::Edge::new(limited, throttle, any_body))
 }
 
 /// How long the readiness check waits for the database. Without a bound, a database that is down

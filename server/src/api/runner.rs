@@ -197,18 +197,32 @@ async fn entra_principal(state: &AppState, token: &str) -> ApiResult<crate::entr
         (status = 413, description = "The body is larger than the server accepts", body = ErrorBody),
     )
 )]
-#[tracing::instrument(skip_all, fields(runner.id = %runner.0.id), err(Debug))]
+// No `tracing::instrument` here, unlike the other handlers: a span lives as long as the long poll,
+// and its formatted fields cost every waiting runner about 1 KiB. The runner's id goes into the
+// events instead.
 pub async fn acquire(
     State(state): State<AppState>,
     runner: RunnerCaller,
     body: Body,
 ) -> ApiResult<Response> {
+    let result = acquire_job(&state, &runner.0, body).await;
+    if let Err(e) = &result {
+        tracing::error!(runner.id = %runner.0.id, error = ?e, "acquire failed");
+    }
+    result
+}
+
+async fn acquire_job(
+    state: &AppState,
+    runner: &crate::store::runners::RunnerPrincipal,
+    body: Body,
+) -> ApiResult<Response> {
     let req: AcquireRequest = body.json(true)?;
     let max = state.settings.queue.acquire_wait_secs;
     let wait = Duration::from_secs(req.wait_secs.unwrap_or(max).min(max));
-    match queue::acquire(&state, &runner.0, wait).await? {
+    match queue::acquire(state, runner, wait).await? {
         Some(claimed) => {
-            tracing::info!(job.id = %claimed.job.id, run.id = %claimed.job.run_id, "job assigned");
+            tracing::info!(runner.id = %runner.id, job.id = %claimed.job.id, run.id = %claimed.job.run_id, "job assigned");
             Ok(Json(AcquireResponse {
                 job: claimed.job,
                 lease: claimed.lease,

@@ -42,14 +42,14 @@ impl ClaimedJob {
             Backend::Postgres => 8,
         };
         let store = Arc::new(Store::connect(&db.url(), connections).await.unwrap());
-        let settings = Settings {
+        let settings = Arc::new(Settings {
             data_dir: db.dir().to_path_buf(),
             ..Default::default()
-        };
+        });
         let shutdown = CancellationToken::new();
         let app = router(AppState {
             store: store.clone(),
-            settings: Arc::new(settings),
+            settings: settings.clone(),
             shutdown: shutdown.clone(),
             entra: None,
         });
@@ -57,12 +57,7 @@ impl ClaimedJob {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn({
             let shutdown = shutdown.clone();
-            async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .unwrap()
-            }
+            async move { outpost_server::serve(listener, app, &settings.server, shutdown).await }
         });
 
         let def = pipeline::parse(PIPELINE).unwrap();
