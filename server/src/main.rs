@@ -11,8 +11,8 @@ use outpost_server::store::{Scope, TokenInfo};
 use outpost_server::{Settings, dev, open_store};
 use tokio_util::sync::CancellationToken;
 
-/// jemalloc rather than glibc's malloc: with 10,000 runners holding long polls, glibc's heap
-/// fragmented to about 3.5 KiB more per connection (BENCHMARKS.md, sixth round).
+/// jemalloc rather than glibc's malloc: with 10,000 runners holding long polls, glibc's heap held
+/// 4–8 KiB more per waiting runner (BENCHMARKS.md, sixth round).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
