@@ -1,6 +1,7 @@
-//! Batched claims (`Store::claim_jobs`), on SQLite and PostgreSQL: each runner of a batch gets
+//! Claims, on SQLite and PostgreSQL. Batched (`Store::claim_jobs`): each runner of a batch gets
 //! its own job in queue order, only jobs whose labels it carries, a lease of its own, and runners
-//! left over when the queue runs dry get nothing.
+//! left over when the queue runs dry get nothing. Alone (`Store::claim_job`): the claim starts
+//! its run.
 
 #[macro_use]
 mod common;
@@ -114,4 +115,60 @@ async fn batch_claims_each_runner_its_own_job(backend: Backend) {
     store.close().await;
 }
 
-backend_tests!(batch_claims_each_runner_its_own_job);
+/// A lone claim (`Store::claim_job`) starts its run in the same statement (on SQLite through the
+/// trigger of migration 0008), with the job's start as the run's; a later claim leaves it alone.
+async fn a_lone_claim_starts_its_run_once(backend: Backend) {
+    let db = test_db!(backend);
+    let store = &db.open().await;
+    let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
+    store.put_pipeline("lone", PIPELINE, &def).await.unwrap();
+    let run = store
+        .create_run(
+            NewRun {
+                pipeline: "lone".into(),
+                trigger: Default::default(),
+                variables: Default::default(),
+            },
+            &def,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().status,
+        RunStatus::Queued
+    );
+    let x0 = runner(store, "x0", "x").await;
+    let first = store
+        .claim_job(x0.runner_id, &x0.labels, 60)
+        .await
+        .unwrap()
+        .expect("a queued job for x");
+    let stored = store.get_run(run.id).await.unwrap();
+    assert_eq!(stored.status, RunStatus::Running);
+    let started = stored.started_at.expect("the claim started the run");
+    let job = stored.jobs.iter().find(|j| j.id == first.job.id).unwrap();
+    assert_eq!(job.status, JobStatus::Running);
+    assert_eq!(job.started_at, Some(started));
+
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let x1 = runner(store, "x1", "x").await;
+    let second = store
+        .claim_job(x1.runner_id, &x1.labels, 60)
+        .await
+        .unwrap()
+        .expect("a second queued job for x");
+    assert_ne!(second.job.id, first.job.id);
+    let again = store.get_run(run.id).await.unwrap();
+    assert_eq!(again.status, RunStatus::Running);
+    assert_eq!(
+        again.started_at,
+        Some(started),
+        "a later claim keeps the start"
+    );
+    store.close().await;
+}
+
+backend_tests!(
+    batch_claims_each_runner_its_own_job,
+    a_lone_claim_starts_its_run_once
+);

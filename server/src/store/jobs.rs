@@ -151,27 +151,16 @@ impl Store {
                     .fetch_optional(pool)
                     .await?
             }
+            // One autocommit statement: the trigger of migration 0008 marks the run started.
             super::Db::Sqlite(pool) => {
-                let mut tx = pool.begin_with(self.begin_write()).await?;
-                let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(CLAIM_SQLITE)
+                sqlx::query_as(CLAIM_SQLITE)
                     .bind(runner_id)
                     .bind(hash_token(&token))
                     .bind(expires_at)
                     .bind(now)
                     .bind(Json(labels))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some((_, run_id, _)) = &row {
-                    sqlx::query(
-                        "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1 AND status = 'queued'",
-                    )
-                    .bind(*run_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                row
+                    .fetch_optional(pool)
+                    .await?
             }
         };
         drop(_w);
@@ -259,14 +248,8 @@ impl Store {
                         .bind(Json(&r.labels))
                         .fetch_optional(&mut *tx)
                         .await?;
-                    if let Some((_, run_id, spec)) = row {
-                        sqlx::query(
-                            "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1 AND status = 'queued'",
-                        )
-                        .bind(run_id)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                    // The trigger of migration 0008 marks the run started.
+                    if let Some((_, _, spec)) = row {
                         specs[i] = Some(spec.0);
                     }
                 }
