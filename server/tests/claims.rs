@@ -10,8 +10,7 @@ use std::collections::HashSet;
 
 use common::{Backend, runner};
 use outpost_protocol::{JobStatus, RunStatus};
-use outpost_server::pipeline;
-use outpost_server::store::{ClaimRequest, NewRun};
+use outpost_server::store::ClaimRequest;
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -28,19 +27,7 @@ jobs:
 async fn batch_claims_each_runner_its_own_job(backend: Backend) {
     let db = test_db!(backend);
     let store = &db.open().await;
-    let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
-    store.put_pipeline("batch", PIPELINE, &def).await.unwrap();
-    let run = store
-        .create_run(
-            NewRun {
-                pipeline: "batch".into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            &def,
-        )
-        .await
-        .unwrap();
+    let run = common::queued_run(store, "batch", PIPELINE).await;
 
     let mut xs = Vec::new();
     for i in 0..6 {
@@ -120,19 +107,7 @@ async fn batch_claims_each_runner_its_own_job(backend: Backend) {
 async fn a_lone_claim_starts_its_run_once(backend: Backend) {
     let db = test_db!(backend);
     let store = &db.open().await;
-    let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
-    store.put_pipeline("lone", PIPELINE, &def).await.unwrap();
-    let run = store
-        .create_run(
-            NewRun {
-                pipeline: "lone".into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            &def,
-        )
-        .await
-        .unwrap();
+    let run = common::queued_run(store, "lone", PIPELINE).await;
     assert_eq!(
         store.get_run(run.id).await.unwrap().status,
         RunStatus::Queued

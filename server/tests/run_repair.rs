@@ -8,8 +8,7 @@ mod common;
 
 use common::Backend;
 use outpost_protocol::{JobStatus, RunStatus};
-use outpost_server::pipeline;
-use outpost_server::store::{Db, NewRun, Store};
+use outpost_server::store::{Db, Store};
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -35,19 +34,7 @@ async fn end_without_advance(store: &Store, job_id: Uuid) {
 async fn stalled_runs_are_moved_on(backend: Backend) {
     let db = test_db!(backend);
     let store = &db.open().await;
-    let def = pipeline::parse(PIPELINE).expect("the test pipeline parses");
-    store.put_pipeline("repair", PIPELINE, &def).await.unwrap();
-    let run = store
-        .create_run(
-            NewRun {
-                pipeline: "repair".into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            &def,
-        )
-        .await
-        .unwrap();
+    let run = common::queued_run(store, "repair", PIPELINE).await;
     let claim = common::runner(store, "r", "x").await;
     let build = store
         .claim_jobs(std::slice::from_ref(&claim), 60)

@@ -209,3 +209,20 @@ pub async fn runner(store: &Store, name: &str, label: &str) -> ClaimRequest {
         labels: vec![label.to_string()],
     }
 }
+
+/// Stores `yaml` as pipeline `name` and queues one run of it, as a test's trigger would.
+pub async fn queued_run(store: &Store, name: &str, yaml: &str) -> outpost_protocol::Run {
+    let def = outpost_server::pipeline::parse(yaml).expect("the test pipeline parses");
+    store.put_pipeline(name, yaml, &def).await.unwrap();
+    store
+        .create_run(
+            outpost_server::store::NewRun {
+                pipeline: name.into(),
+                trigger: Default::default(),
+                variables: Default::default(),
+            },
+            &def,
+        )
+        .await
+        .unwrap()
+}
