@@ -421,17 +421,14 @@ mod tests {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let failing = || ApiError::internal("disk on fire").into_response();
         let edge = edge_over(failing, calls, 3);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let resp = tracing::subscriber::with_default(subscriber, || {
-            tokio::runtime::Builder::new_current_thread()
-                .build()
-                .unwrap()
-                .block_on(edge.oneshot(request(None)))
-                .unwrap()
+            runtime.block_on(edge.oneshot(request(None))).unwrap()
         });
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
+        let body = runtime
             .block_on(axum::body::to_bytes(resp.into_body(), 4096))
             .unwrap();
         assert!(!String::from_utf8_lossy(&body).contains("disk on fire"));
