@@ -1365,4 +1365,175 @@ async fn retry(env: Env) {
     assert!(answer.reason().contains("TOKEN"), "{}", answer.reason());
 }
 
-backend_tests!(github with env, gitlab with env, azure_devops with env, generic with env, retry with env);
+/// Runs one statement, built by `$query`, against the test's database behind the server's back.
+macro_rules! execute {
+    ($env:expr, $query:expr) => {
+        match $env.state.store.db() {
+            outpost_server::store::Db::Sqlite(pool) => {
+                $query.execute(pool).await.unwrap();
+            }
+            outpost_server::store::Db::Postgres(pool) => {
+                $query.execute(pool).await.unwrap();
+            }
+        }
+    };
+}
+
+/// The recorded delivery claimed under `delivery` (a forge delivery id).
+async fn claimed_record(env: &Env, delivery: &str) -> outpost_server::store::WebhookDelivery {
+    let list = env.deliveries("?source=github&limit=200").await;
+    list.deliveries
+        .into_iter()
+        .find(|d| d.delivery_id.as_deref() == Some(delivery) && d.outcome != "redelivery")
+        .unwrap_or_else(|| panic!("no record of delivery {delivery}"))
+}
+
+/// An attempt that stopped between starting runs and recording them (the server was killed)
+/// leaves its delivery `processing`. A redelivery is turned away while that is recent, and takes
+/// it over once it is stale: the runs the stopped attempt started are found by their trigger and
+/// not started again, the rest are.
+async fn interrupted(env: Env) {
+    let repo = "Codertocat/Hello-World";
+    env.apply("first", &format!("  - github: {{ repo: {repo} }}"))
+        .await;
+    env.apply("second", &format!("  - github: {{ repo: {repo} }}"))
+        .await;
+    let push = fixture("github/push.json");
+    let delivery = new_id();
+    let headers = github_headers("push", &delivery, &push, GITHUB_SECRET);
+    let answer = env
+        .expect_runs(
+            "/hooks/github",
+            &headers,
+            push.clone(),
+            &["first", "second"],
+        )
+        .await;
+    let runs = answer.json["runs"].as_array().unwrap().clone();
+    let run_of = |pipeline: &str| {
+        runs.iter().find(|r| r["pipeline"] == pipeline).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (first, second) = (run_of("first"), run_of("second"));
+
+    // What the stopped attempt left: the run of `first` started, `second` not yet, no outcome.
+    let second_id: Uuid = second.parse().unwrap();
+    execute!(
+        env,
+        sqlx::query("DELETE FROM runs WHERE id = $1").bind(second_id)
+    );
+    let unfinished = "UPDATE webhook_deliveries SET outcome = 'processing', status_code = 0, \
+                      run_ids = '[]', updated_at = $2 WHERE delivery_id = $1 AND dedupe_key IS NOT NULL";
+    execute!(
+        env,
+        sqlx::query(unfinished)
+            .bind(&delivery)
+            .bind(chrono::Utc::now())
+    );
+    let answer = env
+        .expect_runs("/hooks/github", &headers, push.clone(), &[])
+        .await;
+    assert_eq!(answer.outcome(), "redelivery", "{answer:?}");
+    assert!(
+        answer.reason().contains("being handled right now"),
+        "{}",
+        answer.reason()
+    );
+    assert_eq!(claimed_record(&env, &delivery).await.outcome, "processing");
+
+    // Eleven minutes later it is stale.
+    execute!(
+        env,
+        sqlx::query(unfinished)
+            .bind(&delivery)
+            .bind(chrono::Utc::now() - chrono::Duration::minutes(11))
+    );
+    let answer = env
+        .expect_runs("/hooks/github", &headers, push.clone(), &["second"])
+        .await;
+    assert_eq!(
+        answer.json["previous_run_ids"],
+        json!([first]),
+        "the stopped attempt's run is found by its trigger: {answer:?}"
+    );
+    let record = claimed_record(&env, &delivery).await;
+    assert_eq!(record.outcome, "triggered");
+    let recorded: BTreeSet<String> = record.run_ids.iter().map(Uuid::to_string).collect();
+    let new_second = answer.run_ids().into_iter().next().unwrap();
+    assert_eq!(recorded, [first.clone(), new_second].into());
+
+    // From now on it is an ordinary redelivery.
+    let answer = env
+        .expect_runs("/hooks/github", &headers, push.clone(), &[])
+        .await;
+    assert_eq!(answer.outcome(), "redelivery", "{answer:?}");
+}
+
+/// A sender that hangs up while its delivery is being handled (GitHub gives up after 10 s)
+/// does not stop the handling half-way: the runs start and the outcome is recorded.
+async fn sender_hangs_up(env: Env) {
+    let repo = "Codertocat/Hello-World";
+    env.apply("plain", &format!("  - github: {{ repo: {repo} }}"))
+        .await;
+    let push = fixture("github/push.json");
+    let delivery = new_id();
+    let headers = github_headers("push", &delivery, &push, GITHUB_SECRET);
+    let before = env.all_runs().await;
+
+    // Another connection holds the database so the handling has to wait for it.
+    let url = env._db.url();
+    let holder: Box<dyn std::any::Any> = match env._db.backend() {
+        Backend::Sqlite => {
+            use sqlx::Connection;
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            Box::new(conn)
+        }
+        Backend::Postgres => {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+            sqlx::query("LOCK TABLE runs IN SHARE MODE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            Box::new(conn)
+        }
+    };
+    let sent = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        env.send("/hooks/github", &headers, push.clone()),
+    )
+    .await;
+    assert!(sent.is_err(), "the delivery had to wait: {sent:?}");
+    // The sender is gone; the database is released (dropping the connection rolls back).
+    drop(holder);
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let record = loop {
+        let list = env.deliveries("?source=github").await;
+        let found = list
+            .deliveries
+            .into_iter()
+            .find(|d| d.delivery_id.as_deref() == Some(delivery.as_str()));
+        match found {
+            Some(d) if d.outcome != "processing" => break d,
+            _ if tokio::time::Instant::now() > deadline => {
+                panic!("the delivery was never handled to the end")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(record.outcome, "triggered", "{record:?}");
+    let new: BTreeSet<String> = env.all_runs().await.difference(&before).cloned().collect();
+    let recorded: BTreeSet<String> = record.run_ids.iter().map(Uuid::to_string).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(recorded, new);
+}
+
+backend_tests!(github with env, gitlab with env, azure_devops with env, generic with env, retry with env, interrupted with env, sender_hangs_up with env);

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use super::extract::Caller;
 use super::{ApiError, ApiResult, AppState};
@@ -137,7 +138,20 @@ async fn receive(
         headers,
         body,
     };
-    let reply = hooks::receive(&state.store, &state.settings.webhooks, inbound).await;
+    // Handled in a task of its own, so that a sender hanging up (GitHub waits 10 s) cannot stop it
+    // between starting runs and recording them: the delivery would stay `processing` and its
+    // redelivery would be turned away until it is stale.
+    let handling = tokio::spawn(
+        async move { hooks::receive(&state.store, &state.settings.webhooks, inbound).await }
+            .in_current_span(),
+    );
+    let reply = match handling.await {
+        Ok(reply) => reply,
+        Err(e) => {
+            return ApiError::internal(format!("handling a webhook delivery failed: {e}"))
+                .into_response();
+        }
+    };
     match reply.body {
         ReplyBody::Done(done) => (reply.status, Json(done)).into_response(),
         // The cause of a 5xx is logged by the middleware and never shown.

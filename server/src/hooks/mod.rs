@@ -595,9 +595,11 @@ async fn refuse(
 async fn redelivery(store: &Store, record: NewDelivery, previous: WebhookDelivery) -> Reply {
     let reason = if previous.outcome == "processing" {
         format!(
-            "delivery {} is being handled right now (it arrived at {}); nothing new was started",
+            "delivery {} is being handled right now (it arrived at {}); nothing new was started. \
+             A redelivery after {} minutes without an outcome takes it over",
             previous.delivery_id.as_deref().unwrap_or(""),
-            previous.received_at.to_rfc3339()
+            previous.received_at.to_rfc3339(),
+            crate::store::STALE_PROCESSING_SECS / 60
         )
     } else {
         format!(

@@ -33,7 +33,9 @@ pub use jobs::{ClaimRequest, Claimed, CompleteOutcome};
 pub use logs::LogChunk;
 pub use runs::NewRun;
 pub use secrets::{SecretInfo, SecretList};
-pub use webhooks::{Claim, NewDelivery, WebhookDelivery, WebhookDeliveryList};
+pub use webhooks::{
+    Claim, NewDelivery, STALE_PROCESSING_SECS, WebhookDelivery, WebhookDeliveryList,
+};
 
 /// What a store call can fail with.
 #[derive(Debug, thiserror::Error)]

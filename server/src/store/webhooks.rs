@@ -15,6 +15,12 @@ use crate::pipeline::PipelineDef;
 /// them twice.
 const RETRYABLE: &str = "('error', 'partial', 'failed')";
 
+/// How long a delivery may stay `processing` before a redelivery of it takes it over. Handling
+/// runs to the end even when the sender hangs up, so a delivery stays `processing` longer only
+/// when the server stopped in the middle (or could not write the outcome). Runs the interrupted
+/// attempt started are found by their trigger's delivery id and are not started again.
+pub const STALE_PROCESSING_SECS: i64 = 600;
+
 /// One recorded delivery, as `GET /api/v1/webhook-deliveries` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct WebhookDelivery {
@@ -81,7 +87,8 @@ pub enum Claim {
         /// The record to finish.
         id: Uuid,
     },
-    /// An earlier delivery with this id failed or was only partly handled; it is `processing`
+    /// An earlier delivery with this id failed, was only partly handled, or was left
+    /// `processing` for [`STALE_PROCESSING_SECS`] by an attempt that stopped; it is `processing`
     /// again under its old record `id`, which already started `run_ids`.
     Retry {
         /// The record to finish.
@@ -129,21 +136,23 @@ impl Store {
     /// Claims `dedupe_key` for a delivery whose signature was verified.
     ///
     /// The insert is the lock: of two identical deliveries arriving at once, exactly one inserts
-    /// the row (or takes over a retryable one) and goes on to start runs; the other finds it and
-    /// is answered as a redelivery.
+    /// the row (or takes over a retryable or stale one) and goes on to start runs; the other
+    /// finds it and is answered as a redelivery.
     #[tracing::instrument(skip_all, fields(source = %new.source, delivery = ?new.delivery_id), err(Debug))]
     pub async fn claim_delivery(&self, new: &NewDelivery, dedupe_key: &str) -> StoreResult<Claim> {
         let id = Uuid::now_v7();
         let now = Utc::now();
+        let stale_before = now - chrono::Duration::seconds(STALE_PROCESSING_SECS);
         let _w = self.write_guard().await;
-        let claimed: Option<(Uuid, Json<Vec<Uuid>>)> = dispatch!(self, pool => {
+        let claimed: Option<(Uuid, Json<Vec<Uuid>>, DateTime<Utc>)> = dispatch!(self, pool => {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO webhook_deliveries (id, source, delivery_id, dedupe_key, event, pipeline, outcome, \
                  status_code, reason, run_ids, received_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, 'processing', 0, NULL, $7, $8, $8) \
                  ON CONFLICT (source, dedupe_key) DO UPDATE SET outcome = 'processing', status_code = 0, \
                  updated_at = excluded.updated_at WHERE webhook_deliveries.outcome IN {RETRYABLE} \
-                 RETURNING id, run_ids"
+                 OR (webhook_deliveries.outcome = 'processing' AND webhook_deliveries.updated_at < $9) \
+                 RETURNING id, run_ids, received_at"
             )))
             .bind(id)
             .bind(&new.source)
@@ -153,15 +162,26 @@ impl Store {
             .bind(new.pipeline.as_deref())
             .bind(Json(Vec::<Uuid>::new()))
             .bind(now)
+            .bind(stale_before)
             .fetch_optional(pool)
             .await?
         });
+        drop(_w);
         match claimed {
-            Some((claimed_id, _)) if claimed_id == id => Ok(Claim::New { id }),
-            Some((claimed_id, run_ids)) => Ok(Claim::Retry {
-                id: claimed_id,
-                run_ids: run_ids.0,
-            }),
+            Some((claimed_id, _, _)) if claimed_id == id => Ok(Claim::New { id }),
+            Some((claimed_id, Json(mut run_ids), received_at)) => {
+                // An attempt that stopped before it wrote its outcome started runs it never
+                // recorded; their triggers name this delivery.
+                for run in self.runs_of_delivery(new, received_at).await? {
+                    if !run_ids.contains(&run) {
+                        run_ids.push(run);
+                    }
+                }
+                Ok(Claim::Retry {
+                    id: claimed_id,
+                    run_ids,
+                })
+            }
             None => {
                 let seen: WebhookDelivery = dispatch!(self, pool => {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -175,6 +195,53 @@ impl Store {
                 Ok(Claim::Seen(seen))
             }
         }
+    }
+
+    /// Runs whose trigger names this delivery (its source and delivery id, and for a generic
+    /// delivery its pipeline), created since it was first received, oldest first.
+    async fn runs_of_delivery(
+        &self,
+        new: &NewDelivery,
+        received_at: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let Some(delivery_id) = new.delivery_id.as_deref() else {
+            return Ok(Vec::new());
+        };
+        // Run ids are UUID v7: every run created since (a second of clock skew between replicas
+        // allowed) sorts at or after this one, so the primary key bounds the scan.
+        let millis = u64::try_from((received_at - chrono::Duration::seconds(1)).timestamp_millis())
+            .unwrap_or(0);
+        let since = uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid();
+        let rows: Vec<(Uuid,)> = match &self.db {
+            super::Db::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT id FROM runs WHERE id >= $1 \
+                     AND json_extract(trigger, '$.source') = $2 \
+                     AND json_extract(trigger, '$.delivery_id') = $3 \
+                     AND ($4 IS NULL OR pipeline = $4) ORDER BY id",
+                )
+                .bind(since)
+                .bind(&new.source)
+                .bind(delivery_id)
+                .bind(new.pipeline.as_deref())
+                .fetch_all(pool)
+                .await?
+            }
+            super::Db::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT id FROM runs WHERE id >= $1 \
+                     AND trigger->>'source' = $2 AND trigger->>'delivery_id' = $3 \
+                     AND ($4::text IS NULL OR pipeline = $4) ORDER BY id",
+                )
+                .bind(since)
+                .bind(&new.source)
+                .bind(delivery_id)
+                .bind(new.pipeline.as_deref())
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
     /// Writes the final outcome of a claimed delivery.
