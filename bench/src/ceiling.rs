@@ -1,7 +1,9 @@
 //! The hardware's limits on this machine, so the report can say what fraction of them Outpost
 //! reaches: `pg_test_fsync` (single-writer durable commit rate), pgbench with a one-row update at
 //! the same concurrency (group commit), and pgbench running Outpost's own claim statement
-//! against a database that Outpost's migrations created and its API filled with queued jobs.
+//! against a database that Outpost's migrations created and its API filled with queued jobs;
+//! and the rate at which PostgreSQL itself stores log chunks, inserted straight into a table shaped
+//! like `log_chunks`, with no server in between.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,6 +14,7 @@ use futures::StreamExt;
 use outpost_protocol::TriggerRunRequest;
 use tokio::process::Command;
 
+use crate::Sizes;
 use crate::harness::{Backend, Db, Env, Server, pipeline_yaml};
 use crate::report::Metrics;
 
@@ -224,7 +227,96 @@ async fn psql_exec(db_url: &str, sql: &str) -> anyhow::Result<()> {
 }
 
 /// Runs the ceiling measurements once.
-pub async fn run(env: &Env, clients: usize, claims_per_client: usize) -> anyhow::Result<Metrics> {
+/// What PostgreSQL itself accepts as durable log appends: `writers` connections at once each
+/// insert `bytes_per_writer` in rows of `chunk` bytes, one autocommit statement per row, into a
+/// fresh table with the key and storage of `log_chunks` (`STORAGE EXTERNAL`), connected the way
+/// the server connects (the same URL, so the same TLS). Answers MB/s (10^6 bytes per second).
+async fn log_insert_rate(
+    url: &str,
+    writers: usize,
+    bytes_per_writer: u64,
+    chunk: usize,
+) -> anyhow::Result<f64> {
+    use sqlx::postgres::PgPoolOptions;
+    let pool = PgPoolOptions::new()
+        .max_connections(writers as u32)
+        .connect(url)
+        .await
+        .context("could not connect to the ceiling database")?;
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS bench_log_chunks; \
+         CREATE TABLE bench_log_chunks (job_id UUID NOT NULL, start_offset BIGINT NOT NULL, \
+           end_offset BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (job_id, start_offset)); \
+         ALTER TABLE bench_log_chunks ALTER COLUMN data SET STORAGE EXTERNAL;",
+    )
+    .execute(&pool)
+    .await?;
+    // Text like the logs scenario's: lowercase letters and newlines (not compressed anyway).
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let text: Vec<u8> = (0..chunk)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 81 == 80 {
+                b'\n'
+            } else {
+                b'a' + (x % 26) as u8
+            }
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let inserted: Vec<anyhow::Result<u64>> = futures::future::join_all((0..writers).map(|_| {
+        let pool = pool.clone();
+        let text = &text;
+        async move {
+            let job = uuid::Uuid::now_v7();
+            let mut offset = 0u64;
+            while offset < bytes_per_writer {
+                let len = chunk.min((bytes_per_writer - offset) as usize);
+                sqlx::query(
+                    "INSERT INTO bench_log_chunks (job_id, start_offset, end_offset, data) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(job)
+                .bind(offset as i64)
+                .bind((offset + len as u64) as i64)
+                .bind(&text[..len])
+                .execute(&pool)
+                .await?;
+                offset += len as u64;
+            }
+            Ok(offset)
+        }
+    }))
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    let mut total = 0u64;
+    for r in inserted {
+        total += r?;
+    }
+    let stored: (i64,) =
+        sqlx::query_as("SELECT COALESCE(SUM(length(data)), 0)::BIGINT FROM bench_log_chunks")
+            .fetch_one(&pool)
+            .await?;
+    ensure!(
+        stored.0 as u64 == total,
+        "the ceiling table holds {} bytes, {total} were inserted",
+        stored.0
+    );
+    sqlx::raw_sql("DROP TABLE bench_log_chunks")
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(total as f64 / 1e6 / secs)
+}
+
+pub async fn run(
+    env: &Env,
+    sizes: &Sizes,
+    clients: usize,
+    claims_per_client: usize,
+) -> anyhow::Result<Metrics> {
     let mut m = Metrics::default();
 
     // pg_test_fsync on the file system that holds the PostgreSQL data directory.
@@ -272,6 +364,22 @@ pub async fn run(env: &Env, clients: usize, claims_per_client: usize) -> anyhow:
         .await
         .context("the disk probe panicked")??;
     m.push("disk_1mib_sync_writes_mb_per_s", "MB/s", mb_per_s);
+
+    // Log chunks stored by PostgreSQL alone, in the logs scenario's sizes (several logs at once,
+    // then one big log), each case on a fresh database as the logs scenario has.
+    let chunk = sizes.chunk_kib * 1024;
+    let cases = [
+        ("multi", sizes.log_jobs, sizes.log_mib as u64 * 1024 * 1024),
+        ("big", 1, sizes.big_log_mib as u64 * 1024 * 1024),
+    ];
+    for (label, writers, bytes) in cases {
+        if bytes == 0 {
+            continue;
+        }
+        let db = Db::create(env, Backend::Postgres).await?;
+        let rate = log_insert_rate(db.url(), writers, bytes, chunk).await?;
+        m.push(format!("log_insert_{label}_mb_per_s"), "MB/s", rate);
+    }
 
     // A database Outpost migrated and filled with queued jobs through its API.
     let db = Db::create(env, Backend::Postgres).await?;
@@ -360,6 +468,7 @@ pub async fn run(env: &Env, clients: usize, claims_per_client: usize) -> anyhow:
     .await?;
     m.push("durable_commits_per_s_group", "commits/s", tps);
     m.push("pgbench_clients", "count", clients as f64);
+
     drop(db);
     Ok(m)
 }

@@ -175,7 +175,8 @@ fn params_of(s: Scenario, sizes: &Sizes) -> BTreeMap<String, serde_json::Value> 
         Scenario::LiveLog => &["live_appends", "live_interval_ms"],
         Scenario::Idle => &["polls", "idle_jobs"],
         Scenario::Runner => &["runner_samples", "runner_settle_ms"],
-        Scenario::All | Scenario::Ceiling => &[],
+        Scenario::Ceiling => &["log_jobs", "log_mib", "big_log_mib", "chunk_kib"],
+        Scenario::All => &[],
     };
     keys.iter()
         .filter_map(|k| all.get(*k).map(|v| (k.to_string(), v.clone())))
@@ -208,7 +209,7 @@ async fn run_once(
                 backend == Backend::Postgres,
                 "the ceiling is measured on PostgreSQL only: pass --backend postgres"
             );
-            ceiling::run(env, cli.pgbench_clients, cli.pgbench_claims).await
+            ceiling::run(env, sizes, cli.pgbench_clients, cli.pgbench_claims).await
         }
         Scenario::All => unreachable!("expanded before"),
     }
