@@ -212,35 +212,28 @@ impl Store {
         let millis = u64::try_from((received_at - chrono::Duration::seconds(1)).timestamp_millis())
             .unwrap_or(0);
         let since = uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid();
-        let rows: Vec<(Uuid,)> = match &self.db {
-            super::Db::Sqlite(pool) => {
-                sqlx::query_as(
-                    "SELECT id FROM runs WHERE id >= $1 \
-                     AND json_extract(trigger, '$.source') = $2 \
-                     AND json_extract(trigger, '$.delivery_id') = $3 \
-                     AND ($4 IS NULL OR pipeline = $4) ORDER BY id",
-                )
-                .bind(since)
-                .bind(&new.source)
-                .bind(delivery_id)
-                .bind(new.pipeline.as_deref())
-                .fetch_all(pool)
-                .await?
+        let sql = match &self.db {
+            super::Db::Sqlite(_) => {
+                "SELECT id FROM runs WHERE id >= $1 \
+                 AND json_extract(trigger, '$.source') = $2 \
+                 AND json_extract(trigger, '$.delivery_id') = $3 \
+                 AND ($4 IS NULL OR pipeline = $4) ORDER BY id"
             }
-            super::Db::Postgres(pool) => {
-                sqlx::query_as(
-                    "SELECT id FROM runs WHERE id >= $1 \
-                     AND trigger->>'source' = $2 AND trigger->>'delivery_id' = $3 \
-                     AND ($4::text IS NULL OR pipeline = $4) ORDER BY id",
-                )
-                .bind(since)
-                .bind(&new.source)
-                .bind(delivery_id)
-                .bind(new.pipeline.as_deref())
-                .fetch_all(pool)
-                .await?
+            super::Db::Postgres(_) => {
+                "SELECT id FROM runs WHERE id >= $1 \
+                 AND trigger->>'source' = $2 AND trigger->>'delivery_id' = $3 \
+                 AND ($4::text IS NULL OR pipeline = $4) ORDER BY id"
             }
         };
+        let rows: Vec<(Uuid,)> = dispatch!(self, pool => {
+            sqlx::query_as(sql)
+                .bind(since)
+                .bind(&new.source)
+                .bind(delivery_id)
+                .bind(new.pipeline.as_deref())
+                .fetch_all(pool)
+                .await?
+        });
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
