@@ -226,7 +226,6 @@ async fn psql_exec(db_url: &str, sql: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the ceiling measurements once.
 /// What PostgreSQL itself accepts as durable log appends: `writers` connections at once each
 /// insert `bytes_per_writer` in rows of `chunk` bytes, one autocommit statement per row, into a
 /// fresh table with the key and storage of `log_chunks` (`STORAGE EXTERNAL`), connected the way
@@ -311,6 +310,7 @@ async fn log_insert_rate(
     Ok(total as f64 / 1e6 / secs)
 }
 
+/// Runs the ceiling measurements once.
 pub async fn run(
     env: &Env,
     sizes: &Sizes,
@@ -373,7 +373,7 @@ pub async fn run(
         ("big", 1, sizes.big_log_mib as u64 * 1024 * 1024),
     ];
     for (label, writers, bytes) in cases {
-        if bytes == 0 {
+        if writers == 0 || bytes == 0 {
             continue;
         }
         let db = Db::create(env, Backend::Postgres).await?;
@@ -468,7 +468,6 @@ pub async fn run(
     .await?;
     m.push("durable_commits_per_s_group", "commits/s", tps);
     m.push("pgbench_clients", "count", clients as f64);
-
     drop(db);
     Ok(m)
 }
