@@ -250,20 +250,8 @@ async fn log_insert_rate(
     )
     .execute(&pool)
     .await?;
-    // Text like the logs scenario's: lowercase letters and newlines (not compressed anyway).
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let text: Vec<u8> = (0..chunk)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 81 == 80 {
-                b'\n'
-            } else {
-                b'a' + (x % 26) as u8
-            }
-        })
-        .collect();
+    // The logs scenario's text (not compressed anyway: `STORAGE EXTERNAL`).
+    let text = crate::scenarios::logs::LogText::new(chunk).chunk(0, 0, chunk);
     let started = std::time::Instant::now();
     let inserted: Vec<anyhow::Result<u64>> = futures::future::join_all((0..writers).map(|_| {
         let pool = pool.clone();

@@ -8,7 +8,7 @@ mod common;
 
 use common::Backend;
 use outpost_protocol::{JobStatus, RunStatus};
-use outpost_server::store::{Db, Store};
+use outpost_server::store::Store;
 use uuid::Uuid;
 
 const PIPELINE: &str = "\
@@ -21,14 +21,7 @@ jobs:
 /// database holds when the replica stopped right after that commit.
 async fn end_without_advance(store: &Store, job_id: Uuid) {
     let sql = "UPDATE jobs SET status = 'succeeded', exit_code = 0, lease_expires_at = NULL WHERE id = $1";
-    match store.db() {
-        Db::Sqlite(pool) => {
-            sqlx::query(sql).bind(job_id).execute(pool).await.unwrap();
-        }
-        Db::Postgres(pool) => {
-            sqlx::query(sql).bind(job_id).execute(pool).await.unwrap();
-        }
-    }
+    execute!(store, sqlx::query(sql).bind(job_id));
 }
 
 async fn stalled_runs_are_moved_on(backend: Backend) {

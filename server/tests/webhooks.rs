@@ -1365,27 +1365,15 @@ async fn retry(env: Env) {
     assert!(answer.reason().contains("TOKEN"), "{}", answer.reason());
 }
 
-/// Runs one statement, built by `$query`, against the test's database behind the server's back.
-macro_rules! execute {
-    ($env:expr, $query:expr) => {
-        match $env.state.store.db() {
-            outpost_server::store::Db::Sqlite(pool) => {
-                $query.execute(pool).await.unwrap();
-            }
-            outpost_server::store::Db::Postgres(pool) => {
-                $query.execute(pool).await.unwrap();
-            }
-        }
-    };
-}
-
-/// The recorded delivery claimed under `delivery` (a forge delivery id).
-async fn claimed_record(env: &Env, delivery: &str) -> outpost_server::store::WebhookDelivery {
+/// The record that claimed GitHub delivery `delivery` (not its redeliveries), if there is one.
+async fn claimed_record(
+    env: &Env,
+    delivery: &str,
+) -> Option<outpost_server::store::WebhookDelivery> {
     let list = env.deliveries("?source=github&limit=200").await;
     list.deliveries
         .into_iter()
         .find(|d| d.delivery_id.as_deref() == Some(delivery) && d.outcome != "redelivery")
-        .unwrap_or_else(|| panic!("no record of delivery {delivery}"))
 }
 
 /// An attempt that stopped between starting runs and recording them (the server was killed)
@@ -1421,13 +1409,13 @@ async fn interrupted(env: Env) {
     // What the stopped attempt left: the run of `first` started, `second` not yet, no outcome.
     let second_id: Uuid = second.parse().unwrap();
     execute!(
-        env,
+        env.state.store,
         sqlx::query("DELETE FROM runs WHERE id = $1").bind(second_id)
     );
     let unfinished = "UPDATE webhook_deliveries SET outcome = 'processing', status_code = 0, \
                       run_ids = '[]', updated_at = $2 WHERE delivery_id = $1 AND dedupe_key IS NOT NULL";
     execute!(
-        env,
+        env.state.store,
         sqlx::query(unfinished)
             .bind(&delivery)
             .bind(chrono::Utc::now())
@@ -1441,11 +1429,14 @@ async fn interrupted(env: Env) {
         "{}",
         answer.reason()
     );
-    assert_eq!(claimed_record(&env, &delivery).await.outcome, "processing");
+    assert_eq!(
+        claimed_record(&env, &delivery).await.unwrap().outcome,
+        "processing"
+    );
 
     // Eleven minutes later it is stale.
     execute!(
-        env,
+        env.state.store,
         sqlx::query(unfinished)
             .bind(&delivery)
             .bind(chrono::Utc::now() - chrono::Duration::minutes(11))
@@ -1458,7 +1449,7 @@ async fn interrupted(env: Env) {
         json!([first]),
         "the stopped attempt's run is found by its trigger: {answer:?}"
     );
-    let record = claimed_record(&env, &delivery).await;
+    let record = claimed_record(&env, &delivery).await.unwrap();
     assert_eq!(record.outcome, "triggered");
     let recorded: BTreeSet<String> = record.run_ids.iter().map(Uuid::to_string).collect();
     let new_second = answer.run_ids().into_iter().next().unwrap();
@@ -1516,12 +1507,7 @@ async fn sender_hangs_up(env: Env) {
 
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let record = loop {
-        let list = env.deliveries("?source=github").await;
-        let found = list
-            .deliveries
-            .into_iter()
-            .find(|d| d.delivery_id.as_deref() == Some(delivery.as_str()));
-        match found {
+        match claimed_record(&env, &delivery).await {
             Some(d) if d.outcome != "processing" => break d,
             _ if tokio::time::Instant::now() > deadline => {
                 panic!("the delivery was never handled to the end")

@@ -19,12 +19,12 @@ use crate::report::Metrics;
 
 /// Deterministic log text: each append starts with a line naming its job and offset, followed by
 /// pseudo-random lowercase text from a pool, so a reordered, lost or repeated chunk changes the hash.
-struct LogText {
+pub(crate) struct LogText {
     pool: Vec<u8>,
 }
 
 impl LogText {
-    fn new(chunk: usize) -> Self {
+    pub(crate) fn new(chunk: usize) -> Self {
         let len = chunk * 2 + 65_536;
         let mut pool = Vec::with_capacity(len);
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -41,7 +41,7 @@ impl LogText {
         LogText { pool }
     }
 
-    fn chunk(&self, job: usize, offset: u64, len: usize) -> Vec<u8> {
+    pub(crate) fn chunk(&self, job: usize, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = format!("job {job} offset {offset:012}\n").into_bytes();
         buf.truncate(len);
         let start = ((offset / 4096) as usize * 4099) % (self.pool.len() - len);

@@ -92,6 +92,22 @@ macro_rules! test_db {
     };
 }
 
+/// Runs one statement, built by `$query` (a `sqlx::query(…)` with its binds), against `$store`'s
+/// database behind the store's back: `execute!(store, sqlx::query("…").bind(id));`.
+#[allow(unused_macros)]
+macro_rules! execute {
+    ($store:expr, $query:expr) => {
+        match $store.db() {
+            outpost_server::store::Db::Sqlite(pool) => {
+                $query.execute(pool).await.unwrap();
+            }
+            outpost_server::store::Db::Postgres(pool) => {
+                $query.execute(pool).await.unwrap();
+            }
+        }
+    };
+}
+
 /// Runs each scenario once on SQLite and once on PostgreSQL, as `sqlite::NAME` and
 /// `postgres::NAME`.
 ///
