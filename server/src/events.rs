@@ -119,6 +119,8 @@ pub struct Events {
     pub claim_gates: crate::queue::ClaimGates,
     /// Claims that arrive while another is running, gathered into the next batch.
     pub claim_batcher: std::sync::Arc<crate::queue::ClaimBatcher>,
+    /// Long polls waiting here, which a new run hands its jobs to.
+    pub waiters: crate::queue::Waiters,
 }
 
 impl Events {
@@ -131,6 +133,7 @@ impl Events {
             outbox: Default::default(),
             claim_gates: Default::default(),
             claim_batcher: Default::default(),
+            waiters: Default::default(),
         }
     }
 

@@ -7,12 +7,18 @@
 //! claims that arrive while one is running go to the database together, as one statement per
 //! label set and one commit ([`ClaimBatcher`]), which is what lets a busy queue hand out more jobs
 //! per second than the database commits.
+//!
+//! A long poll that found nothing also waits in [`Waiters`]: a run created on this replica hands
+//! its new jobs straight to such waiting runners, in the statement that creates them
+//! ([`crate::store::Store::create_run`]), so the job reaches its runner with one commit, not two
+//! (the run's, then the runner's claim).
 
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::api::AppState;
 use crate::store::runners::RunnerPrincipal;
@@ -93,15 +99,31 @@ pub async fn acquire(
         if let Some(claimed) = claimed {
             return Ok(Some(claimed));
         }
-        tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    return Ok(None);
+        // Nothing queued: wait, where a new run on this replica can hand its job straight here.
+        let mut ticket =
+            events
+                .waiters
+                .register(runner.id, &runner.labels, state.settings.queue.lease_secs);
+        let go_on = tokio::select! {
+            handed = &mut ticket.rx => match handed {
+                Ok(Some(claimed)) => return Ok(Some(*claimed)),
+                // The run that took this poll was not created: claim as after a wake-up.
+                Ok(None) | Err(_) => {
+                    woken = true;
+                    continue;
                 }
-            }
-            _ = tokio::time::sleep(RECHECK) => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(None),
-            _ = state.shutdown.cancelled() => return Ok(None),
+            },
+            changed = rx.changed() => changed.is_ok(),
+            _ = tokio::time::sleep(RECHECK) => true,
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = state.shutdown.cancelled() => false,
+        };
+        // A run being created may have taken this poll just now; its answer is on the way.
+        if let Some(Some(claimed)) = ticket.leave().await {
+            return Ok(Some(*claimed));
+        }
+        if !go_on {
+            return Ok(None);
         }
         woken = true;
     }
@@ -120,6 +142,133 @@ async fn claim(state: &AppState, runner: &RunnerPrincipal) -> StoreResult<Option
         state.settings.queue.lease_secs,
     ))
     .await
+}
+
+/// A long poll waiting in [`Waiters`]. The job travels boxed: the channel's slot is part of every
+/// waiting poll's memory, and a boxed job keeps it a pointer wide.
+#[derive(Debug)]
+struct Waiting {
+    runner_id: Uuid,
+    labels: Vec<String>,
+    lease_secs: u64,
+    tx: oneshot::Sender<Option<Box<Claimed>>>,
+}
+
+/// The long polls of this replica that found nothing queued for their labels, longest waiting
+/// first. A run created here takes one for each new job whose labels it carries
+/// ([`Waiters::take`]) and inserts the job already claimed for it, under a lease, in the same
+/// statement that creates the run.
+///
+/// This may give a waiting runner the new job while an older one it could run is still queued:
+/// only when that older job was queued by another replica or put back by the reaper since this
+/// runner last looked, and the older job's wake-up then reaches the other runners as usual.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    inner: std::sync::Mutex<WaitersInner>,
+}
+
+#[derive(Debug, Default)]
+struct WaitersInner {
+    next: u64,
+    waiting: std::collections::BTreeMap<u64, Waiting>,
+}
+
+/// A waiting runner taken for a new job; [`Handoff::deliver`] answers its long poll.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The runner.
+    pub runner_id: Uuid,
+    /// The lease its job gets.
+    pub lease_secs: u64,
+    tx: oneshot::Sender<Option<Box<Claimed>>>,
+}
+
+impl Handoff {
+    /// Answers the long poll: with the job once it is committed, or `None` when the run was not
+    /// created (the poll then claims as usual). `false` when the runner has gone: a job it was
+    /// given waits for its lease to expire and is queued again, like any claim that never
+    /// reached its runner.
+    pub fn deliver(self, job: Option<Claimed>) -> bool {
+        self.tx.send(job.map(Box::new)).is_ok()
+    }
+}
+
+/// One long poll's place in [`Waiters`]; leaving it (or dropping it) takes the place back.
+pub(crate) struct Ticket<'a> {
+    waiters: &'a Waiters,
+    key: u64,
+    rx: oneshot::Receiver<Option<Box<Claimed>>>,
+}
+
+impl Ticket<'_> {
+    /// Leaves the wait. `Some` when a run took this poll in the meantime: its answer, waited for.
+    async fn leave(mut self) -> Option<Option<Box<Claimed>>> {
+        if self.waiters.withdraw(self.key) {
+            return None;
+        }
+        Some((&mut self.rx).await.ok().flatten())
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.waiters.withdraw(self.key);
+    }
+}
+
+impl Waiters {
+    fn register(&self, runner_id: Uuid, labels: &[String], lease_secs: u64) -> Ticket<'_> {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.inner.lock().expect("waiters poisoned");
+        inner.next += 1;
+        let key = inner.next;
+        inner.waiting.insert(
+            key,
+            Waiting {
+                runner_id,
+                labels: labels.to_vec(),
+                lease_secs,
+                tx,
+            },
+        );
+        Ticket {
+            waiters: self,
+            key,
+            rx,
+        }
+    }
+
+    /// Whether the poll was still waiting (not taken by a run).
+    fn withdraw(&self, key: u64) -> bool {
+        let mut inner = self.inner.lock().expect("waiters poisoned");
+        inner.waiting.remove(&key).is_some()
+    }
+
+    /// Takes the longest-waiting runner whose labels include all of `runs_on`, if any.
+    pub fn take(&self, runs_on: &[String]) -> Option<Handoff> {
+        let mut inner = self.inner.lock().expect("waiters poisoned");
+        let key = inner
+            .waiting
+            .iter()
+            .find(|(_, w)| !w.tx.is_closed() && runs_on.iter().all(|l| w.labels.contains(l)))
+            .map(|(k, _)| *k)?;
+        let w = inner.waiting.remove(&key)?;
+        Some(Handoff {
+            runner_id: w.runner_id,
+            lease_secs: w.lease_secs,
+            tx: w.tx,
+        })
+    }
+
+    /// How many long polls are waiting.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("waiters poisoned").waiting.len()
+    }
+
+    /// Whether no long poll is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The most claims one batch carries.

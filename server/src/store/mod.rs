@@ -102,6 +102,8 @@ pub struct Store {
     pub events: Arc<Events>,
     /// Runners authenticated recently.
     runner_cache: runners::RunnerCache,
+    /// Pipelines' definitions as runs were last created from them here.
+    pipeline_cache: pipelines::PipelineCache,
     /// The key secret values are encrypted with, once [`Store::init_secrets`] accepted it.
     secrets_key: std::sync::OnceLock<crate::secrets::SecretsKey>,
 }
@@ -140,6 +142,7 @@ impl Store {
                 write_lock: Some(Mutex::new(())),
                 events: Arc::new(Events::new(None)),
                 runner_cache: Default::default(),
+                pipeline_cache: Default::default(),
                 secrets_key: Default::default(),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -162,6 +165,7 @@ impl Store {
                 db: Db::Postgres(pool),
                 write_lock: None,
                 runner_cache: Default::default(),
+                pipeline_cache: Default::default(),
                 secrets_key: Default::default(),
             })
         } else {

@@ -4,13 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use outpost_protocol::{
-    AssignedJob, Job, JobStatus, Run, RunList, RunStatus, Step, StepStatus, TriggerInfo,
+    AssignedJob, Job, JobStatus, Lease, Run, RunList, RunStatus, Step, StepStatus, TriggerInfo,
 };
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, dispatch};
+use super::{Claimed, Store, StoreError, StoreResult, dispatch, hash_token, new_token};
 use crate::pipeline::PipelineDef;
+use crate::queue::Handoff;
 
 /// What a new run starts from.
 #[derive(Debug, Clone)]
@@ -342,8 +343,51 @@ macro_rules! advance_run {
 pub(crate) use advance_run;
 
 impl Store {
-    /// Creates a run with its jobs and steps from a pipeline definition; jobs without needs are queued.
+    /// Creates a run with its jobs and steps from a pipeline definition. Jobs without needs are
+    /// queued, or, when a runner that can run one is long-polling this replica, claimed for it
+    /// in the same statement and handed to its poll ([`crate::queue::Waiters`]).
     pub async fn create_run(&self, new: NewRun, def: &PipelineDef) -> StoreResult<Run> {
+        let pipeline = new.pipeline.clone();
+        self.insert_run(new, def, None)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("pipeline {pipeline}")))
+    }
+
+    /// Creates a run of the stored pipeline `name`, made by `make` from its definition.
+    ///
+    /// The definition is this replica's copy when it has one ([`Store::pipeline_for_run`]), which
+    /// saves reading it before every run: the statement that takes the run's number also checks
+    /// that the pipeline is still at the copy's revision. If it is not (applied or deleted since),
+    /// nothing was created, and the run is made again from the definition read afresh.
+    pub async fn trigger_run(
+        &self,
+        name: &str,
+        make: impl Fn(&PipelineDef) -> NewRun,
+    ) -> StoreResult<Run> {
+        for attempt in 0..3 {
+            let (revision, def) = self.pipeline_for_run(name, attempt > 0).await?;
+            let new = NewRun {
+                pipeline: name.to_string(),
+                ..make(&def)
+            };
+            if let Some(run) = self.insert_run(new, &def, Some(revision)).await? {
+                return Ok(run);
+            }
+            self.pipeline_cache.forget(name);
+        }
+        Err(StoreError::Conflict(format!(
+            "pipeline {name} was applied again while a run of it was being created; try again"
+        )))
+    }
+
+    /// [`Store::create_run`], and with `revision` only if the pipeline is still at it: `None`
+    /// when there is no such pipeline (or it is at another revision), and then nothing changed.
+    async fn insert_run(
+        &self,
+        new: NewRun,
+        def: &PipelineDef,
+        revision: Option<Uuid>,
+    ) -> StoreResult<Option<Run>> {
         let now = Utc::now();
         let run_id = Uuid::now_v7();
         let mut variables = def.variables.clone();
@@ -411,33 +455,111 @@ impl Store {
                     .collect(),
             });
         }
-        let number = match &self.db {
+        // Runners long-polling this replica get new jobs they can run at once: each such job is
+        // inserted already claimed for one of them, under a fresh lease, in the statement that
+        // creates the run, and their polls are answered once it committed.
+        let mut handoffs: Vec<(usize, Handoff, Lease)> = Vec::new();
+        let mut leases: Vec<Option<NewLease>> = vec![None; jobs.len()];
+        if !self.events.waiters.is_empty() {
+            for (i, job) in jobs.iter_mut().enumerate() {
+                if job.status != JobStatus::Queued {
+                    continue;
+                }
+                let Some(handoff) = self.events.waiters.take(&job.runs_on) else {
+                    continue;
+                };
+                let token = new_token("opl_");
+                let expires_at = now + chrono::Duration::seconds(handoff.lease_secs as i64);
+                job.status = JobStatus::Running;
+                job.runner_id = Some(handoff.runner_id);
+                job.attempt = 1;
+                job.started_at = Some(now);
+                leases[i] = Some(NewLease {
+                    runner_id: handoff.runner_id,
+                    token_hash: hash_token(&token),
+                    expires_at,
+                });
+                let lease = Lease {
+                    token,
+                    expires_at,
+                    duration_secs: handoff.lease_secs,
+                };
+                handoffs.push((i, handoff, lease));
+            }
+        }
+        let started = (!handoffs.is_empty()).then_some(now);
+        let queued_left = jobs.iter().any(|j| j.status == JobStatus::Queued);
+        let created = match &self.db {
             super::Db::Postgres(pool) => {
-                create_run_postgres(pool, run_id, &new, now, &jobs, &specs).await?
+                let rows = NewRows {
+                    jobs: &jobs,
+                    specs: &specs,
+                    leases: &leases,
+                    started,
+                    queued_left,
+                };
+                create_run_postgres(pool, run_id, &new, now, rows, revision).await
             }
             super::Db::Sqlite(pool) => {
                 let _w = self.write_guard().await;
-                self.create_run_sqlite(pool, run_id, &new, now, &jobs, specs)
-                    .await?
+                let rows = NewRows {
+                    jobs: &jobs,
+                    specs: &specs,
+                    leases: &leases,
+                    started,
+                    queued_left,
+                };
+                self.create_run_sqlite(pool, run_id, &new, now, rows, revision)
+                    .await
             }
         };
-        let Some(number) = number else {
-            return Err(StoreError::NotFound(format!("pipeline {}", new.pipeline)));
+        let number = match created {
+            Ok(Some(number)) => number,
+            failed => {
+                // Nothing was created: the polls taken claim as usual.
+                for (_, handoff, _) in handoffs {
+                    handoff.deliver(None);
+                }
+                return failed.map(|_| None);
+            }
         };
+        for (i, handoff, lease) in handoffs {
+            let mut job = specs[i].clone();
+            job.run_number = number;
+            // The stored spec names the job's secrets with empty values; the values are
+            // decrypted here, as for a claim.
+            if !job.secrets.is_empty()
+                && let Err(e) = self.fill_secrets(&mut job).await
+            {
+                tracing::warn!(job.id = %job.id, error = %e, "could not read a handed-off job's secrets; it is queued again when its lease expires");
+                handoff.deliver(None);
+                continue;
+            }
+            let job_id = job.id;
+            if !handoff.deliver(Some(Claimed { job, lease })) {
+                tracing::info!(job.id = %job_id, "a runner left before its handed-off job reached it; the job is queued again when its lease expires");
+            }
+        }
         // Other replicas: the PostgreSQL statement notified them; SQLite has none.
-        self.events.wake_jobs_local();
-        Ok(Run {
+        if queued_left {
+            self.events.wake_jobs_local();
+        }
+        Ok(Some(Run {
             id: run_id,
             pipeline: new.pipeline,
             number,
-            status: RunStatus::Queued,
+            status: if started.is_some() {
+                RunStatus::Running
+            } else {
+                RunStatus::Queued
+            },
             trigger: new.trigger,
             variables: new.variables,
             created_at: now,
-            started_at: None,
+            started_at: started,
             finished_at: None,
             jobs,
-        })
+        }))
     }
 
     /// [`Store::create_run`] on SQLite: the number in its own statement, then one transaction of
@@ -449,54 +571,62 @@ impl Store {
         run_id: Uuid,
         new: &NewRun,
         now: DateTime<Utc>,
-        jobs: &[Job],
-        mut specs: Vec<AssignedJob>,
+        rows: NewRows<'_>,
+        revision: Option<Uuid>,
     ) -> StoreResult<Option<i64>> {
         // The number is its own statement, outside the transaction: a run whose insert then
         // fails leaves a gap in the numbering, nothing worse. Triggers are serialised by the
         // writer lock the caller holds.
-        let number: Option<(i64,)> =
-            sqlx::query_as(if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
-                // Invoke runs have no pipeline row: they count in a table of their own.
-                NEXT_INVOKE_NUMBER
-            } else {
-                NEXT_PIPELINE_NUMBER
-            })
-            .bind(&new.pipeline)
-            .fetch_optional(pool)
-            .await?;
+        let number: Option<(i64,)> = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
+            // Invoke runs have no pipeline row: they count in a table of their own.
+            sqlx::query_as(NEXT_INVOKE_NUMBER)
+                .bind(&new.pipeline)
+                .fetch_optional(pool)
+                .await?
+        } else {
+            sqlx::query_as(NEXT_PIPELINE_NUMBER_SQLITE)
+                .bind(&new.pipeline)
+                .bind(revision)
+                .fetch_optional(pool)
+                .await?
+        };
         let Some((number,)) = number else {
             return Ok(None);
         };
-        for spec in &mut specs {
-            spec.run_number = number;
-        }
+        let jobs = rows.jobs;
         let mut tx = pool.begin_with(self.begin_write()).await?;
         sqlx::query(
-            "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
-             VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
+            "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at, started_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(run_id)
         .bind(&new.pipeline)
         .bind(number)
+        .bind(rows.run_status())
         .bind(Json(&new.trigger))
         .bind(Json(&new.variables))
         .bind(now)
+        .bind(rows.started)
         .execute(&mut *tx)
         .await?;
         // Multi-row inserts: one statement per table rather than one per job and step.
         for chunk in jobs
             .iter()
-            .zip(&specs)
+            .zip(rows.specs.iter().zip(rows.leases))
             .enumerate()
             .collect::<Vec<_>>()
-            .chunks(500)
+            .chunks(400)
         {
             let mut qb = sqlx::QueryBuilder::new(
                 "INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
-                 environment, timeout_secs, spec, created_at, queued_at) ",
+                 environment, timeout_secs, spec, created_at, queued_at, runner_id, lease_token_hash, \
+                 lease_expires_at, attempt, started_at) ",
             );
-            qb.push_values(chunk, |mut b, (position, (job, spec))| {
+            qb.push_values(chunk, |mut b, (position, (job, (spec, lease)))| {
+                let spec = AssignedJob {
+                    run_number: number,
+                    ..(*spec).clone()
+                };
                 b.push_bind(job.id)
                     .push_bind(run_id)
                     .push_bind(job.pipeline.clone())
@@ -508,13 +638,18 @@ impl Store {
                     .push_bind(job.cluster.clone())
                     .push_bind(job.environment.clone())
                     .push_bind(job.timeout_secs as i64)
-                    .push_bind(Json((*spec).clone()))
+                    .push_bind(Json(spec))
                     .push_bind(now)
-                    .push_bind(if job.status == JobStatus::Queued {
-                        Some(now)
-                    } else {
+                    .push_bind(if job.status == JobStatus::Pending {
                         None
-                    });
+                    } else {
+                        Some(now)
+                    })
+                    .push_bind(lease.as_ref().map(|l| l.runner_id))
+                    .push_bind(lease.as_ref().map(|l| l.token_hash.clone()))
+                    .push_bind(lease.as_ref().map(|l| l.expires_at))
+                    .push_bind(job.attempt)
+                    .push_bind(job.started_at);
             });
             qb.build().execute(&mut *tx).await?;
         }
@@ -721,9 +856,15 @@ impl Store {
     }
 }
 
-/// Takes a pipeline's next run number; no row if there is no such pipeline.
+/// Takes a pipeline's next run number in [`CREATE_RUN_POSTGRES`] (`$12` the revision the run's
+/// definition was read at, if any); no row if there is no such pipeline, or it is at another
+/// revision.
 const NEXT_PIPELINE_NUMBER: &str = "UPDATE pipelines SET next_run_number = next_run_number + 1 \
-     WHERE name = $1 RETURNING next_run_number - 1 AS number";
+     WHERE name = $1 AND ($12 IS NULL OR revision = $12) RETURNING next_run_number - 1 AS number";
+
+/// [`NEXT_PIPELINE_NUMBER`] on its own, as SQLite takes it (`$2` the revision, if any).
+const NEXT_PIPELINE_NUMBER_SQLITE: &str = "UPDATE pipelines SET next_run_number = next_run_number + 1 \
+     WHERE name = $1 AND ($2 IS NULL OR revision = $2) RETURNING next_run_number - 1 AS number";
 
 /// Takes the next number of the invoke runs, which have no pipeline row and count in a table of
 /// their own.
@@ -731,9 +872,11 @@ const NEXT_INVOKE_NUMBER: &str = "INSERT INTO run_numbers (pipeline, next_number
      ON CONFLICT (pipeline) DO UPDATE SET next_number = run_numbers.next_number + 1 \
      RETURNING next_number - 1 AS number";
 
-/// A new run on PostgreSQL as one statement: its number, the run, its jobs and their steps, and
-/// the notification to the other replicas, queued only when the run was created (`$1` pipeline, `$2` run id, `$3` trigger, `$4`
-/// variables, `$5` now, `$6` the jobs and `$7` the steps as JSON arrays, `$8` the channel).
+/// A new run on PostgreSQL as one statement: its number, the run, its jobs (some perhaps already
+/// claimed for waiting runners) and their steps, and the notification to the other replicas,
+/// queued only when the run was created and left a job queued (`$1` pipeline, `$2` run id, `$3`
+/// trigger, `$4` variables, `$5` now, `$6` the jobs and `$7` the steps as JSON arrays, `$8` the
+/// channel, `$9` the run's status, `$10` its start, `$11` whether a job is left queued).
 ///
 /// One statement is one round trip and one durable commit, where the number, a transaction of
 /// three inserts and the notification took seven round trips and three commits, all of them
@@ -742,19 +885,21 @@ const NEXT_INVOKE_NUMBER: &str = "INSERT INTO run_numbers (pipeline, next_number
 /// pipeline's row is locked from the number to the commit, so triggers of one pipeline commit one
 /// after another, as they did when the number was its own statement.
 const CREATE_RUN_POSTGRES: &str = "WITH n AS ({number}), \
-     r AS (INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at) \
-       SELECT $2, $1, n.number, 'queued', $3, $4, $5 FROM n), \
+     r AS (INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at, started_at) \
+       SELECT $2, $1, n.number, $9, $3, $4, $5, $10 FROM n), \
      j AS (INSERT INTO jobs (id, run_id, pipeline, name, position, status, runs_on, needs, cluster, \
-         environment, timeout_secs, spec, created_at, queued_at) \
+         environment, timeout_secs, spec, created_at, queued_at, runner_id, lease_token_hash, \
+         lease_expires_at, attempt, started_at) \
        SELECT (e->>'id')::uuid, $2, $1, e->>'name', (e->>'position')::int, e->>'status', e->'runs_on', \
          e->'needs', e->>'cluster', e->>'environment', (e->>'timeout_secs')::bigint, \
          jsonb_set(e->'spec', '{run_number}', to_jsonb(n.number)), $5, \
-         CASE WHEN e->>'status' = 'queued' THEN $5 END \
+         CASE WHEN e->>'status' <> 'pending' THEN $5 END, (e->>'runner_id')::uuid, e->>'lease_token_hash', \
+         (e->>'lease_expires_at')::timestamptz, (e->>'attempt')::bigint, (e->>'started_at')::timestamptz \
        FROM n, jsonb_array_elements($6) AS e), \
      s AS (INSERT INTO steps (job_id, idx, name, kind, status) \
        SELECT (e->>'job_id')::uuid, (e->>'idx')::int, e->>'name', e->>'kind', 'pending' \
        FROM n, jsonb_array_elements($7) AS e) \
-     SELECT n.number, (SELECT pg_notify($8, 'jobs')) IS NULL AS notified FROM n";
+     SELECT n.number, (SELECT pg_notify($8, 'jobs') WHERE $11) IS NULL AS notified FROM n";
 
 /// One job of [`CREATE_RUN_POSTGRES`]'s `$6`.
 #[derive(serde::Serialize)]
@@ -769,6 +914,40 @@ struct NewJobRow<'a> {
     environment: Option<&'a str>,
     timeout_secs: u64,
     spec: &'a AssignedJob,
+    runner_id: Option<Uuid>,
+    lease_token_hash: Option<&'a str>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    attempt: i64,
+    started_at: Option<DateTime<Utc>>,
+}
+
+/// The lease of a new job handed straight to a waiting runner.
+#[derive(Debug, Clone)]
+struct NewLease {
+    runner_id: Uuid,
+    token_hash: String,
+    expires_at: DateTime<Utc>,
+}
+
+/// What [`Store::create_run`] inserts besides the run's own fields.
+struct NewRows<'a> {
+    jobs: &'a [Job],
+    specs: &'a [AssignedJob],
+    /// Per job, the lease of a job handed to a waiting runner.
+    leases: &'a [Option<NewLease>],
+    /// When a job was handed off: the run started then.
+    started: Option<DateTime<Utc>>,
+    /// Whether a job is left queued for runners to claim.
+    queued_left: bool,
+}
+
+impl NewRows<'_> {
+    fn run_status(&self) -> &'static str {
+        match self.started {
+            Some(_) => RunStatus::Running.as_str(),
+            None => RunStatus::Queued.as_str(),
+        }
+    }
 }
 
 /// One step of [`CREATE_RUN_POSTGRES`]'s `$7`.
@@ -787,8 +966,8 @@ async fn create_run_postgres(
     run_id: Uuid,
     new: &NewRun,
     now: DateTime<Utc>,
-    jobs: &[Job],
-    specs: &[AssignedJob],
+    rows: NewRows<'_>,
+    revision: Option<Uuid>,
 ) -> StoreResult<Option<i64>> {
     let number_sql = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
         NEXT_INVOKE_NUMBER
@@ -796,11 +975,12 @@ async fn create_run_postgres(
         NEXT_PIPELINE_NUMBER
     };
     let sql = CREATE_RUN_POSTGRES.replace("{number}", number_sql);
+    let jobs = rows.jobs;
     let job_rows: Vec<NewJobRow> = jobs
         .iter()
-        .zip(specs)
+        .zip(rows.specs.iter().zip(rows.leases))
         .enumerate()
-        .map(|(position, (job, spec))| NewJobRow {
+        .map(|(position, (job, (spec, lease)))| NewJobRow {
             id: job.id,
             name: &job.name,
             position,
@@ -811,6 +991,11 @@ async fn create_run_postgres(
             environment: job.environment.as_deref(),
             timeout_secs: job.timeout_secs,
             spec,
+            runner_id: lease.as_ref().map(|l| l.runner_id),
+            lease_token_hash: lease.as_ref().map(|l| l.token_hash.as_str()),
+            lease_expires_at: lease.as_ref().map(|l| l.expires_at),
+            attempt: job.attempt,
+            started_at: job.started_at,
         })
         .collect();
     let step_rows: Vec<NewStepRow> = jobs
@@ -824,7 +1009,7 @@ async fn create_run_postgres(
             })
         })
         .collect();
-    let number: Option<(i64, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(&new.pipeline)
         .bind(run_id)
         .bind(Json(&new.trigger))
@@ -833,8 +1018,15 @@ async fn create_run_postgres(
         .bind(Json(&job_rows))
         .bind(Json(&step_rows))
         .bind(crate::events::CHANNEL)
-        .fetch_optional(pool)
-        .await?;
+        .bind(rows.run_status())
+        .bind(rows.started)
+        .bind(rows.queued_left);
+    // Only a pipeline's number statement checks a revision (`$12`); invoke runs have none.
+    let query = match number_sql {
+        NEXT_PIPELINE_NUMBER => query.bind(revision),
+        _ => query,
+    };
+    let number: Option<(i64, bool)> = query.fetch_optional(pool).await?;
     Ok(number.map(|(n, _)| n))
 }
 
