@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use common::Backend;
 use outpost_protocol::{CompleteRequest, JobStatus, RunStatus, StepStatus};
-use outpost_server::pipeline::{self, PipelineDef};
+use outpost_server::pipeline;
 use outpost_server::store::{ClaimRequest, Claimed, NewRun, Store, StoreError};
 use uuid::Uuid;
 
@@ -30,20 +30,6 @@ jobs:
   one: { runs_on: [x], steps: [{ run: 'true' }] }
   two: { runs_on: [x], steps: [{ run: 'true' }] }
 ";
-
-async fn start(store: &Store, pipeline: &str, def: &PipelineDef) -> outpost_protocol::Run {
-    store
-        .create_run(
-            NewRun {
-                pipeline: pipeline.into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            def,
-        )
-        .await
-        .unwrap()
-}
 
 async fn claim(store: &Store, runner: &ClaimRequest) -> Claimed {
     store
@@ -71,7 +57,7 @@ async fn the_graph_moves_on_and_the_fence_holds(backend: Backend) {
     let store = &db.open().await;
     let def = pipeline::parse(GRAPH).expect("the test pipeline parses");
     store.put_pipeline("graph", GRAPH, &def).await.unwrap();
-    let first = start(store, "graph", &def).await;
+    let first = common::start_run(store, "graph", &def).await;
     let missing = store
         .create_run(
             NewRun {
@@ -115,7 +101,7 @@ async fn the_graph_moves_on_and_the_fence_holds(backend: Backend) {
         RunStatus::Succeeded
     );
 
-    let run = start(store, "graph", &def).await;
+    let run = common::start_run(store, "graph", &def).await;
     assert_eq!((first.number, run.number), (1, 2));
     let a = claim(store, &runner).await;
     let c = claim(store, &runner).await;
@@ -195,7 +181,7 @@ async fn two_last_jobs_end_their_run(backend: Backend) {
     store.put_pipeline("pair", PAIR, &def).await.unwrap();
     let runner = common::runner(&store, "r", "x").await;
     for round in 0..25 {
-        let run = start(&store, "pair", &def).await;
+        let run = common::start_run(&store, "pair", &def).await;
         let one = claim(&store, &runner).await;
         let two = claim(&store, &runner).await;
         let (s1, s2) = (store.clone(), store.clone());

@@ -60,17 +60,7 @@ async fn waiting(
 
 async fn create(store: &Store, pipeline: &str) -> outpost_protocol::Run {
     let (_, def) = store.get_pipeline(pipeline).await.unwrap();
-    store
-        .create_run(
-            NewRun {
-                pipeline: pipeline.into(),
-                trigger: Default::default(),
-                variables: Default::default(),
-            },
-            &def,
-        )
-        .await
-        .unwrap()
+    common::start_run(store, pipeline, &def).await
 }
 
 async fn hands_new_jobs_to_waiting_runners(backend: Backend) {

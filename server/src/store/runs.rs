@@ -489,26 +489,19 @@ impl Store {
         }
         let started = (!handoffs.is_empty()).then_some(now);
         let queued_left = jobs.iter().any(|j| j.status == JobStatus::Queued);
+        let rows = NewRows {
+            jobs: &jobs,
+            specs: &specs,
+            leases: &leases,
+            started,
+            queued_left,
+        };
         let created = match &self.db {
             super::Db::Postgres(pool) => {
-                let rows = NewRows {
-                    jobs: &jobs,
-                    specs: &specs,
-                    leases: &leases,
-                    started,
-                    queued_left,
-                };
                 create_run_postgres(pool, run_id, &new, now, rows, revision).await
             }
             super::Db::Sqlite(pool) => {
                 let _w = self.write_guard().await;
-                let rows = NewRows {
-                    jobs: &jobs,
-                    specs: &specs,
-                    leases: &leases,
-                    started,
-                    queued_left,
-                };
                 self.create_run_sqlite(pool, run_id, &new, now, rows, revision)
                     .await
             }

@@ -226,10 +226,12 @@ pub async fn runner(store: &Store, name: &str, label: &str) -> ClaimRequest {
     }
 }
 
-/// Stores `yaml` as pipeline `name` and queues one run of it, as a test's trigger would.
-pub async fn queued_run(store: &Store, name: &str, yaml: &str) -> outpost_protocol::Run {
-    let def = outpost_server::pipeline::parse(yaml).expect("the test pipeline parses");
-    store.put_pipeline(name, yaml, &def).await.unwrap();
+/// Queues one run of pipeline `name` from `def`, as a test's trigger would.
+pub async fn start_run(
+    store: &Store,
+    name: &str,
+    def: &outpost_server::pipeline::PipelineDef,
+) -> outpost_protocol::Run {
     store
         .create_run(
             outpost_server::store::NewRun {
@@ -237,8 +239,15 @@ pub async fn queued_run(store: &Store, name: &str, yaml: &str) -> outpost_protoc
                 trigger: Default::default(),
                 variables: Default::default(),
             },
-            &def,
+            def,
         )
         .await
         .unwrap()
+}
+
+/// Stores `yaml` as pipeline `name` and queues one run of it, as a test's trigger would.
+pub async fn queued_run(store: &Store, name: &str, yaml: &str) -> outpost_protocol::Run {
+    let def = outpost_server::pipeline::parse(yaml).expect("the test pipeline parses");
+    store.put_pipeline(name, yaml, &def).await.unwrap();
+    start_run(store, name, &def).await
 }
