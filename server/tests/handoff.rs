@@ -40,22 +40,40 @@ async fn principal(store: &Store, name: &str, label: &str) -> RunnerPrincipal {
     }
 }
 
+type Poll = JoinHandle<outpost_server::store::StoreResult<Option<Claimed>>>;
+
+/// Waits (up to 2 s) until `n` long polls wait in the hand-off registry; panics with `what`.
+async fn until_waiting(state: &AppState, n: usize, what: &str) {
+    for _ in 0..400 {
+        if state.store.events.waiters.len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "{what}: {} polls wait, not {n}",
+        state.store.events.waiters.len()
+    );
+}
+
 /// Starts a long poll and returns once it waits in the hand-off registry.
-async fn waiting(
-    state: &AppState,
-    who: &RunnerPrincipal,
-) -> JoinHandle<outpost_server::store::StoreResult<Option<Claimed>>> {
+async fn waiting(state: &AppState, who: &RunnerPrincipal) -> Poll {
     let before = state.store.events.waiters.len();
     let (state2, who2) = (state.clone(), who.clone());
     let poll =
         tokio::spawn(async move { queue::acquire(&state2, &who2, Duration::from_secs(30)).await });
-    for _ in 0..400 {
-        if state.store.events.waiters.len() > before {
-            return poll;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("the long poll of {} never started waiting", who.name);
+    until_waiting(state, before + 1, &format!("the long poll of {}", who.name)).await;
+    poll
+}
+
+/// The job a long poll answers with, within 10 s; panics with `what` if it answers nothing.
+async fn answered(poll: Poll, what: &str) -> Claimed {
+    tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer in 10 s"))
+        .unwrap()
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what}: answered without a job"))
 }
 
 async fn create(store: &Store, pipeline: &str) -> outpost_protocol::Run {
@@ -97,7 +115,7 @@ async fn hands_new_jobs_to_waiting_runners(backend: Backend) {
     );
     let b = run.jobs.iter().find(|j| j.name == "b").unwrap();
     assert_eq!(b.status, JobStatus::Queued, "nobody waiting can run b");
-    let handed = poll1.await.unwrap().unwrap().expect("x1 was handed a");
+    let handed = answered(poll1, "x1 was handed a").await;
     assert_eq!(handed.job.id, a.id);
     assert_eq!(handed.job.run_number, run.number, "the spec has the number");
     assert!(!poll2.is_finished(), "x2 still waits: nothing else for x");
@@ -141,12 +159,7 @@ async fn hands_new_jobs_to_waiting_runners(backend: Backend) {
         )
         .await
         .unwrap();
-    let got_c = tokio::time::timeout(Duration::from_secs(10), poll2)
-        .await
-        .expect("x2 is woken for c")
-        .unwrap()
-        .unwrap()
-        .expect("x2 claims c");
+    let got_c = answered(poll2, "x2 is woken for c and claims it").await;
     assert_eq!(got_c.job.name, "c");
     assert_eq!(got_c.job.run_id, run.id);
 
@@ -188,25 +201,10 @@ async fn hands_new_jobs_to_waiting_runners(backend: Backend) {
         )
         .await;
     assert!(missing.is_err(), "no such pipeline");
-    for _ in 0..400 {
-        if state.store.events.waiters.len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(
-        state.store.events.waiters.len(),
-        1,
-        "the poll goes back to waiting"
-    );
+    until_waiting(&state, 1, "the poll goes back to waiting").await;
     assert!(!poll3.is_finished());
     let run2 = create(&store, "graph").await;
-    let got = tokio::time::timeout(Duration::from_secs(10), poll3)
-        .await
-        .expect("the poll is answered")
-        .unwrap()
-        .unwrap()
-        .expect("x1 gets the next run's a");
+    let got = answered(poll3, "x1 gets the next run's a").await;
     assert_eq!(got.job.run_id, run2.id);
     assert_eq!(got.job.name, "a");
 }

@@ -194,7 +194,7 @@ impl Handoff {
 }
 
 /// One long poll's place in [`Waiters`]; leaving it (or dropping it) takes the place back.
-pub(crate) struct Ticket<'a> {
+struct Ticket<'a> {
     waiters: &'a Waiters,
     key: u64,
     rx: oneshot::Receiver<Option<Box<Claimed>>>,

@@ -962,7 +962,8 @@ async fn create_run_postgres(
     rows: NewRows<'_>,
     revision: Option<Uuid>,
 ) -> StoreResult<Option<i64>> {
-    let number_sql = if new.pipeline == outpost_protocol::INVOKE_PIPELINE {
+    let invoke = new.pipeline == outpost_protocol::INVOKE_PIPELINE;
+    let number_sql = if invoke {
         NEXT_INVOKE_NUMBER
     } else {
         NEXT_PIPELINE_NUMBER
@@ -1015,10 +1016,7 @@ async fn create_run_postgres(
         .bind(rows.started)
         .bind(rows.queued_left);
     // Only a pipeline's number statement checks a revision (`$12`); invoke runs have none.
-    let query = match number_sql {
-        NEXT_PIPELINE_NUMBER => query.bind(revision),
-        _ => query,
-    };
+    let query = if invoke { query } else { query.bind(revision) };
     let number: Option<(i64, bool)> = query.fetch_optional(pool).await?;
     Ok(number.map(|(n, _)| n))
 }
