@@ -54,6 +54,48 @@ pub struct ApiPrincipal {
     pub scope: Scope,
 }
 
+/// An API token this replica has seen valid, with what never changes about it (its id, name and
+/// scope). Whether it is still valid is not known from memory: only a statement that checks it
+/// again may act on it ([`Store::trigger_run`]).
+#[derive(Debug, Clone)]
+pub struct KnownToken {
+    /// Who it was.
+    pub principal: ApiPrincipal,
+    /// The token's hash, to check it by.
+    pub(crate) hash: String,
+}
+
+/// API tokens seen valid here, by hash ([`KnownToken`]).
+#[derive(Debug, Default)]
+pub struct KnownTokens {
+    entries: std::sync::Mutex<std::collections::HashMap<String, ApiPrincipal>>,
+}
+
+impl KnownTokens {
+    /// More live tokens than this and the map starts again from empty.
+    const MAX: usize = 1024;
+
+    fn get(&self, hash: &str) -> Option<ApiPrincipal> {
+        let map = self.entries.lock().expect("token map poisoned");
+        map.get(hash).cloned()
+    }
+
+    fn record(&self, hash: String, principal: Option<&ApiPrincipal>) {
+        let mut map = self.entries.lock().expect("token map poisoned");
+        match principal {
+            Some(p) => {
+                if map.len() >= Self::MAX && !map.contains_key(&hash) {
+                    map.clear();
+                }
+                map.insert(hash, p.clone());
+            }
+            None => {
+                map.remove(&hash);
+            }
+        }
+    }
+}
+
 /// A token as listed by the admin commands (never the token itself).
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenInfo {
@@ -157,19 +199,30 @@ impl Store {
 
     /// The principal behind a bearer token, if it is a valid, unrevoked, unexpired API token.
     pub async fn authenticate_api(&self, token: &str) -> StoreResult<Option<ApiPrincipal>> {
+        let hash = hash_token(token);
         let row: Option<(Uuid, String, String)> = dispatch!(self, pool => {
             sqlx::query_as(
                 "SELECT id, name, scope FROM api_tokens \
                  WHERE token_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
             )
-            .bind(hash_token(token))
+            .bind(&hash)
             .bind(Utc::now())
             .fetch_optional(pool)
             .await?
         });
-        Ok(row.and_then(|(id, name, scope)| {
+        let principal = row.and_then(|(id, name, scope)| {
             Scope::parse(&scope).map(|scope| ApiPrincipal { id, name, scope })
-        }))
+        });
+        self.known_tokens.record(hash, principal.as_ref());
+        Ok(principal)
+    }
+
+    /// An API token [`Store::authenticate_api`] last found valid here, read from memory: it may
+    /// have been revoked or have expired since. Nothing may be done on its strength alone.
+    pub fn known_api_token(&self, token: &str) -> Option<KnownToken> {
+        let hash = hash_token(token);
+        let principal = self.known_tokens.get(&hash)?;
+        Some(KnownToken { principal, hash })
     }
 
     /// Creates a registration token for a runner pool.

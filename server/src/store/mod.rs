@@ -28,7 +28,7 @@ mod secrets;
 mod webhooks;
 
 pub use audit::{AUDIT_INVOKE, NewInvoke};
-pub use auth::{ApiPrincipal, Scope, TokenInfo};
+pub use auth::{ApiPrincipal, KnownToken, Scope, TokenInfo};
 pub use jobs::{ClaimRequest, Claimed, CompleteOutcome};
 pub use logs::LogChunk;
 pub use runs::NewRun;
@@ -91,6 +91,9 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// A pooled PostgreSQL connection idle at least this long is pinged before it is used.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// The store: a pool and, for SQLite, the single-writer lock.
 #[derive(Debug)]
 pub struct Store {
@@ -104,6 +107,8 @@ pub struct Store {
     runner_cache: runners::RunnerCache,
     /// Pipelines' definitions as runs were last created from them here.
     pipeline_cache: pipelines::PipelineCache,
+    /// API tokens last seen valid here, for [`Store::trigger_run`].
+    known_tokens: auth::KnownTokens,
     /// The key secret values are encrypted with, once [`Store::init_secrets`] accepted it.
     secrets_key: std::sync::OnceLock<crate::secrets::SecretsKey>,
 }
@@ -130,6 +135,9 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(30))
+                // An embedded database has no connection to lose: sqlx's test before every
+                // acquire would be a hop to the connection's thread and back for nothing.
+                .test_before_acquire(false)
                 .connect_with(opts)
                 .await
                 .with_context(|| format!("could not open the SQLite database at {url}"))?;
@@ -143,6 +151,7 @@ impl Store {
                 events: Arc::new(Events::new(None)),
                 runner_cache: Default::default(),
                 pipeline_cache: Default::default(),
+                known_tokens: Default::default(),
                 secrets_key: Default::default(),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -151,6 +160,20 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
+                // sqlx pings a connection before every acquire by default: a round trip in front
+                // of every statement, a third of a trigger's. It pings every connection when it
+                // goes back to the pool as well, which finds one that a failed or abandoned
+                // statement left broken; so only a connection that sat idle for a while, which
+                // may have died meanwhile (a PostgreSQL restart), is pinged before use.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IDLE_AFTER {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(opts)
                 .await
                 .with_context(|| {
@@ -166,6 +189,7 @@ impl Store {
                 write_lock: None,
                 runner_cache: Default::default(),
                 pipeline_cache: Default::default(),
+                known_tokens: Default::default(),
                 secrets_key: Default::default(),
             })
         } else {

@@ -9,7 +9,7 @@ use outpost_protocol::{
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Claimed, Store, StoreError, StoreResult, dispatch, hash_token, new_token};
+use super::{Claimed, KnownToken, Store, StoreError, StoreResult, dispatch, hash_token, new_token};
 use crate::pipeline::PipelineDef;
 use crate::queue::Handoff;
 
@@ -348,7 +348,7 @@ impl Store {
     /// in the same statement and handed to its poll ([`crate::queue::Waiters`]).
     pub async fn create_run(&self, new: NewRun, def: &PipelineDef) -> StoreResult<Run> {
         let pipeline = new.pipeline.clone();
-        self.insert_run(new, def, None)
+        self.insert_run(new, def, None, None)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("pipeline {pipeline}")))
     }
@@ -365,28 +365,61 @@ impl Store {
         make: impl Fn(&PipelineDef) -> NewRun,
     ) -> StoreResult<Run> {
         for attempt in 0..3 {
-            let (revision, def) = self.pipeline_for_run(name, attempt > 0).await?;
-            let new = NewRun {
-                pipeline: name.to_string(),
-                ..make(&def)
-            };
-            if let Some(run) = self.insert_run(new, &def, Some(revision)).await? {
+            if let Some(run) = self.trigger_once(name, attempt > 0, None, &make).await? {
                 return Ok(run);
             }
-            self.pipeline_cache.forget(name);
         }
         Err(StoreError::Conflict(format!(
             "pipeline {name} was applied again while a run of it was being created; try again"
         )))
     }
 
-    /// [`Store::create_run`], and with `revision` only if the pipeline is still at it: `None`
-    /// when there is no such pipeline (or it is at another revision), and then nothing changed.
+    /// [`Store::trigger_run`] for a caller whose token was only found in memory
+    /// ([`Store::known_api_token`]): the statement that takes the run's number also checks that
+    /// the token is still valid (not revoked, not expired), which saves a round trip to check it
+    /// first. `None` if it is not, or if the pipeline is no longer at this replica's copy: then
+    /// nothing was created, and the caller checks the token on its own and triggers as usual.
+    pub async fn trigger_run_as(
+        &self,
+        name: &str,
+        token: &KnownToken,
+        make: impl Fn(&PipelineDef) -> NewRun,
+    ) -> StoreResult<Option<Run>> {
+        self.trigger_once(name, false, Some(&token.hash), &make)
+            .await
+    }
+
+    /// One attempt of [`Store::trigger_run`]: `None` if the statement created nothing.
+    async fn trigger_once(
+        &self,
+        name: &str,
+        reread: bool,
+        token_hash: Option<&str>,
+        make: &impl Fn(&PipelineDef) -> NewRun,
+    ) -> StoreResult<Option<Run>> {
+        let (revision, def) = self.pipeline_for_run(name, reread).await?;
+        let new = NewRun {
+            pipeline: name.to_string(),
+            ..make(&def)
+        };
+        let run = self
+            .insert_run(new, &def, Some(revision), token_hash)
+            .await?;
+        if run.is_none() {
+            self.pipeline_cache.forget(name);
+        }
+        Ok(run)
+    }
+
+    /// [`Store::create_run`], and with `revision` only if the pipeline is still at it, with
+    /// `token_hash` only if that API token is valid: `None` when there is no such pipeline (or it
+    /// is at another revision) or the token is not valid, and then nothing changed.
     async fn insert_run(
         &self,
         new: NewRun,
         def: &PipelineDef,
         revision: Option<Uuid>,
+        token_hash: Option<&str>,
     ) -> StoreResult<Option<Run>> {
         let now = Utc::now();
         let run_id = Uuid::now_v7();
@@ -498,11 +531,11 @@ impl Store {
         };
         let created = match &self.db {
             super::Db::Postgres(pool) => {
-                create_run_postgres(pool, run_id, &new, now, rows, revision).await
+                create_run_postgres(pool, run_id, &new, now, rows, revision, token_hash).await
             }
             super::Db::Sqlite(pool) => {
                 let _w = self.write_guard().await;
-                self.create_run_sqlite(pool, run_id, &new, now, rows, revision)
+                self.create_run_sqlite(pool, run_id, &new, now, rows, revision, token_hash)
                     .await
             }
         };
@@ -557,7 +590,8 @@ impl Store {
 
     /// [`Store::create_run`] on SQLite: the number in its own statement, then one transaction of
     /// multi-row inserts, under the writer lock the caller holds. `None` if there is no such
-    /// pipeline.
+    /// pipeline (at `revision`), or `token_hash` is not a valid API token's.
+    #[allow(clippy::too_many_arguments)]
     async fn create_run_sqlite(
         &self,
         pool: &sqlx::SqlitePool,
@@ -566,6 +600,7 @@ impl Store {
         now: DateTime<Utc>,
         rows: NewRows<'_>,
         revision: Option<Uuid>,
+        token_hash: Option<&str>,
     ) -> StoreResult<Option<i64>> {
         // The number is its own statement, outside the transaction: a run whose insert then
         // fails leaves a gap in the numbering, nothing worse. Triggers are serialised by the
@@ -580,6 +615,8 @@ impl Store {
             sqlx::query_as(NEXT_PIPELINE_NUMBER_SQLITE)
                 .bind(&new.pipeline)
                 .bind(revision)
+                .bind(token_hash)
+                .bind(now)
                 .fetch_optional(pool)
                 .await?
         };
@@ -850,14 +887,23 @@ impl Store {
 }
 
 /// Takes a pipeline's next run number in [`CREATE_RUN_POSTGRES`] (`$12` the revision the run's
-/// definition was read at, if any); no row if there is no such pipeline, or it is at another
-/// revision.
+/// definition was read at, if any; `$13` the hash of the API token the run is triggered with, if
+/// it was not checked before; `$5` now); no row if there is no such pipeline, it is at another
+/// revision, or the token is revoked, expired or unknown. The token is read in the statement's
+/// snapshot, so a revocation committed before the trigger's statement began stops it.
 const NEXT_PIPELINE_NUMBER: &str = "UPDATE pipelines SET next_run_number = next_run_number + 1 \
-     WHERE name = $1 AND ($12 IS NULL OR revision = $12) RETURNING next_run_number - 1 AS number";
+     WHERE name = $1 AND ($12 IS NULL OR revision = $12) \
+     AND ($13::text IS NULL OR EXISTS (SELECT 1 FROM api_tokens WHERE token_hash = $13 \
+       AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $5))) \
+     RETURNING next_run_number - 1 AS number";
 
-/// [`NEXT_PIPELINE_NUMBER`] on its own, as SQLite takes it (`$2` the revision, if any).
+/// [`NEXT_PIPELINE_NUMBER`] on its own, as SQLite takes it (`$2` the revision, if any; `$3` the
+/// token's hash, if any; `$4` now).
 const NEXT_PIPELINE_NUMBER_SQLITE: &str = "UPDATE pipelines SET next_run_number = next_run_number + 1 \
-     WHERE name = $1 AND ($2 IS NULL OR revision = $2) RETURNING next_run_number - 1 AS number";
+     WHERE name = $1 AND ($2 IS NULL OR revision = $2) \
+     AND ($3 IS NULL OR EXISTS (SELECT 1 FROM api_tokens WHERE token_hash = $3 \
+       AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $4))) \
+     RETURNING next_run_number - 1 AS number";
 
 /// Takes the next number of the invoke runs, which have no pipeline row and count in a table of
 /// their own.
@@ -953,7 +999,7 @@ struct NewStepRow<'a> {
 }
 
 /// [`Store::create_run`] on PostgreSQL: one statement ([`CREATE_RUN_POSTGRES`]). `None` if there
-/// is no such pipeline.
+/// is no such pipeline (at `revision`), or `token_hash` is not a valid API token's.
 async fn create_run_postgres(
     pool: &sqlx::PgPool,
     run_id: Uuid,
@@ -961,6 +1007,7 @@ async fn create_run_postgres(
     now: DateTime<Utc>,
     rows: NewRows<'_>,
     revision: Option<Uuid>,
+    token_hash: Option<&str>,
 ) -> StoreResult<Option<i64>> {
     let invoke = new.pipeline == outpost_protocol::INVOKE_PIPELINE;
     let number_sql = if invoke {
@@ -1015,8 +1062,13 @@ async fn create_run_postgres(
         .bind(rows.run_status())
         .bind(rows.started)
         .bind(rows.queued_left);
-    // Only a pipeline's number statement checks a revision (`$12`); invoke runs have none.
-    let query = if invoke { query } else { query.bind(revision) };
+    // Only a pipeline's number statement checks a revision (`$12`) and a token (`$13`); invoke
+    // runs have neither.
+    let query = if invoke {
+        query
+    } else {
+        query.bind(revision).bind(token_hash)
+    };
     let number: Option<(i64, bool)> = query.fetch_optional(pool).await?;
     Ok(number.map(|(n, _)| n))
 }
