@@ -56,7 +56,7 @@ pub struct ApiPrincipal {
 
 /// An API token this replica has seen valid, with what never changes about it (its id, name and
 /// scope). Whether it is still valid is not known from memory: only a statement that checks it
-/// again may act on it ([`Store::trigger_run`]).
+/// again may act on it ([`Store::trigger_run_as`]).
 #[derive(Debug, Clone)]
 pub struct KnownToken {
     /// Who it was.

@@ -107,7 +107,7 @@ pub struct Store {
     runner_cache: runners::RunnerCache,
     /// Pipelines' definitions as runs were last created from them here.
     pipeline_cache: pipelines::PipelineCache,
-    /// API tokens last seen valid here, for [`Store::trigger_run`].
+    /// API tokens last seen valid here, for [`Store::trigger_run_as`].
     known_tokens: auth::KnownTokens,
     /// The key secret values are encrypted with, once [`Store::init_secrets`] accepted it.
     secrets_key: std::sync::OnceLock<crate::secrets::SecretsKey>,
