@@ -348,7 +348,7 @@ impl Store {
     /// in the same statement and handed to its poll ([`crate::queue::Waiters`]).
     pub async fn create_run(&self, new: NewRun, def: &PipelineDef) -> StoreResult<Run> {
         let pipeline = new.pipeline.clone();
-        self.insert_run(new, def, None, None)
+        self.insert_run(new, def, RunChecks::default())
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("pipeline {pipeline}")))
     }
@@ -403,7 +403,14 @@ impl Store {
             ..make(&def)
         };
         let run = self
-            .insert_run(new, &def, Some(revision), token_hash)
+            .insert_run(
+                new,
+                &def,
+                RunChecks {
+                    revision: Some(revision),
+                    token_hash,
+                },
+            )
             .await?;
         if run.is_none() {
             self.pipeline_cache.forget(name);
@@ -411,15 +418,13 @@ impl Store {
         Ok(run)
     }
 
-    /// [`Store::create_run`], and with `revision` only if the pipeline is still at it, with
-    /// `token_hash` only if that API token is valid: `None` when there is no such pipeline (or it
-    /// is at another revision) or the token is not valid, and then nothing changed.
+    /// [`Store::create_run`], only if `checks` hold: `None` when there is no such pipeline or a
+    /// check failed, and then nothing changed.
     async fn insert_run(
         &self,
         new: NewRun,
         def: &PipelineDef,
-        revision: Option<Uuid>,
-        token_hash: Option<&str>,
+        checks: RunChecks<'_>,
     ) -> StoreResult<Option<Run>> {
         let now = Utc::now();
         let run_id = Uuid::now_v7();
@@ -531,11 +536,11 @@ impl Store {
         };
         let created = match &self.db {
             super::Db::Postgres(pool) => {
-                create_run_postgres(pool, run_id, &new, now, rows, revision, token_hash).await
+                create_run_postgres(pool, run_id, &new, now, rows, checks).await
             }
             super::Db::Sqlite(pool) => {
                 let _w = self.write_guard().await;
-                self.create_run_sqlite(pool, run_id, &new, now, rows, revision, token_hash)
+                self.create_run_sqlite(pool, run_id, &new, now, rows, checks)
                     .await
             }
         };
@@ -590,8 +595,7 @@ impl Store {
 
     /// [`Store::create_run`] on SQLite: the number in its own statement, then one transaction of
     /// multi-row inserts, under the writer lock the caller holds. `None` if there is no such
-    /// pipeline (at `revision`), or `token_hash` is not a valid API token's.
-    #[allow(clippy::too_many_arguments)]
+    /// pipeline, or one of `checks` failed.
     async fn create_run_sqlite(
         &self,
         pool: &sqlx::SqlitePool,
@@ -599,8 +603,7 @@ impl Store {
         new: &NewRun,
         now: DateTime<Utc>,
         rows: NewRows<'_>,
-        revision: Option<Uuid>,
-        token_hash: Option<&str>,
+        checks: RunChecks<'_>,
     ) -> StoreResult<Option<i64>> {
         // The number is its own statement, outside the transaction: a run whose insert then
         // fails leaves a gap in the numbering, nothing worse. Triggers are serialised by the
@@ -614,8 +617,8 @@ impl Store {
         } else {
             sqlx::query_as(NEXT_PIPELINE_NUMBER_SQLITE)
                 .bind(&new.pipeline)
-                .bind(revision)
-                .bind(token_hash)
+                .bind(checks.revision)
+                .bind(checks.token_hash)
                 .bind(now)
                 .fetch_optional(pool)
                 .await?
@@ -968,6 +971,16 @@ struct NewLease {
     expires_at: DateTime<Utc>,
 }
 
+/// What the statement that takes a new run's number checks besides the pipeline's existence; the
+/// run is created only if all hold.
+#[derive(Debug, Clone, Copy, Default)]
+struct RunChecks<'a> {
+    /// The pipeline is still at this revision (the one its definition was read at).
+    revision: Option<Uuid>,
+    /// The API token with this hash is valid: not revoked, not expired.
+    token_hash: Option<&'a str>,
+}
+
 /// What [`Store::create_run`] inserts besides the run's own fields.
 struct NewRows<'a> {
     jobs: &'a [Job],
@@ -999,15 +1012,14 @@ struct NewStepRow<'a> {
 }
 
 /// [`Store::create_run`] on PostgreSQL: one statement ([`CREATE_RUN_POSTGRES`]). `None` if there
-/// is no such pipeline (at `revision`), or `token_hash` is not a valid API token's.
+/// is no such pipeline, or one of `checks` failed.
 async fn create_run_postgres(
     pool: &sqlx::PgPool,
     run_id: Uuid,
     new: &NewRun,
     now: DateTime<Utc>,
     rows: NewRows<'_>,
-    revision: Option<Uuid>,
-    token_hash: Option<&str>,
+    checks: RunChecks<'_>,
 ) -> StoreResult<Option<i64>> {
     let invoke = new.pipeline == outpost_protocol::INVOKE_PIPELINE;
     let number_sql = if invoke {
@@ -1067,7 +1079,7 @@ async fn create_run_postgres(
     let query = if invoke {
         query
     } else {
-        query.bind(revision).bind(token_hash)
+        query.bind(checks.revision).bind(checks.token_hash)
     };
     let number: Option<(i64, bool)> = query.fetch_optional(pool).await?;
     Ok(number.map(|(n, _)| n))
