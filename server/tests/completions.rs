@@ -1,11 +1,12 @@
 //! Completions and run creation at the store, on SQLite and PostgreSQL.
 //!
-//! PostgreSQL creates a run in one statement (`CREATE_RUN_POSTGRES`) and ends a job that cannot
-//! change its run in one statement (`COMPLETE_QUIET_POSTGRES`); every other completion takes the
-//! transaction. These tests hold both backends to the same outcomes: run numbers and the number a
-//! runner gets in its spec, the job graph moving on at once when a job others need ends while
-//! siblings still run, leftover steps, the lease fence, identical retries, and two last jobs of a
-//! run completing at the same moment.
+//! PostgreSQL creates a run in one statement (`CREATE_RUN_POSTGRES`) and ends a job in one
+//! statement when no job of its run waits on `needs` (`COMPLETE_ONE_POSTGRES`), the run too when
+//! the job was its last open one; every other completion takes the transaction. These tests hold
+//! both backends to the same outcomes: run numbers and the number a runner gets in its spec, the
+//! job graph moving on at once when a job others need ends while siblings still run, leftover
+//! steps, the lease fence, identical retries, the run's outcome from its jobs' outcomes, and two
+//! last jobs of a run completing at the same moment.
 
 #[macro_use]
 mod common;
@@ -172,6 +173,104 @@ async fn the_graph_moves_on_and_the_fence_holds(backend: Backend) {
     store.close().await;
 }
 
+const TRIO: &str = "\
+jobs:
+  a: { runs_on: [x], steps: [{ run: 'true' }] }
+  b: { runs_on: [x], steps: [{ run: 'true' }] }
+  c: { runs_on: [x], steps: [{ run: 'true' }, { run: 'true' }] }
+";
+
+/// The last open job ends its run with the worst outcome of all its jobs, whether it is the
+/// worst one itself or an earlier one was: failed (also timed out) beats cancelled beats
+/// succeeded. On PostgreSQL the last completion ends the run in its own statement.
+async fn the_last_job_ends_its_run_with_the_worst_outcome(backend: Backend) {
+    use JobStatus::{Cancelled, Failed, Succeeded, TimedOut};
+    let db = test_db!(backend);
+    let store = &db.open().await;
+    let def = pipeline::parse(TRIO).expect("the test pipeline parses");
+    store.put_pipeline("trio", TRIO, &def).await.unwrap();
+    let runner = common::runner(store, "r", "x").await;
+    let cases = [
+        ([Succeeded, Succeeded, Succeeded], RunStatus::Succeeded),
+        ([Succeeded, Succeeded, Failed], RunStatus::Failed),
+        ([Succeeded, Succeeded, TimedOut], RunStatus::Failed),
+        ([Succeeded, Succeeded, Cancelled], RunStatus::Cancelled),
+        ([Cancelled, Succeeded, Succeeded], RunStatus::Cancelled),
+        ([Failed, Succeeded, Succeeded], RunStatus::Failed),
+        ([TimedOut, Succeeded, Succeeded], RunStatus::Failed),
+        ([Failed, Cancelled, Succeeded], RunStatus::Failed),
+        ([Cancelled, Succeeded, Failed], RunStatus::Failed),
+        ([Cancelled, Cancelled, Succeeded], RunStatus::Cancelled),
+    ];
+    for (outcomes, expected) in cases {
+        let run = common::start_run(store, "trio", &def).await;
+        let mut claimed = Vec::new();
+        for _ in 0..3 {
+            claimed.push(claim(store, &runner).await);
+        }
+        let names: Vec<&str> = claimed.iter().map(|c| c.job.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"], "jobs are claimed in queue order");
+        for (c, status) in claimed.iter().zip(outcomes) {
+            assert_eq!(
+                store.get_run(run.id).await.unwrap().status,
+                RunStatus::Running,
+                "{outcomes:?}: the run runs until its last job ends"
+            );
+            store
+                .complete_job(c.job.id, &c.lease.token, &done(status))
+                .await
+                .unwrap();
+        }
+        let ended = store.get_run(run.id).await.unwrap();
+        assert_eq!(ended.status, expected, "{outcomes:?}");
+        assert!(ended.finished_at.is_some(), "{outcomes:?}: finished_at");
+        let last = ended.jobs.iter().find(|j| j.name == "c").unwrap();
+        assert_eq!(last.status, outcomes[2]);
+        assert!(
+            last.steps.iter().all(|s| s.status == StepStatus::Skipped),
+            "{outcomes:?}: steps never reported are skipped: {:?}",
+            last.steps
+        );
+        // The same last completion again is acknowledged; another is fenced out.
+        let (c, status) = (&claimed[2], outcomes[2]);
+        store
+            .complete_job(c.job.id, &c.lease.token, &done(status))
+            .await
+            .unwrap();
+        let other = if status == Succeeded {
+            Failed
+        } else {
+            Succeeded
+        };
+        let late = store
+            .complete_job(c.job.id, &c.lease.token, &done(other))
+            .await;
+        assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
+        assert_eq!(store.get_run(run.id).await.unwrap().status, expected);
+    }
+    // A run of one job.
+    let one = "jobs:\n  solo: { runs_on: [x], steps: [{ run: 'true' }] }\n";
+    let one_def = pipeline::parse(one).expect("the one-job pipeline parses");
+    store.put_pipeline("solo", one, &one_def).await.unwrap();
+    for (status, expected) in [
+        (Succeeded, RunStatus::Succeeded),
+        (Failed, RunStatus::Failed),
+        (Cancelled, RunStatus::Cancelled),
+    ] {
+        let run = common::start_run(store, "solo", &one_def).await;
+        let c = claim(store, &runner).await;
+        assert_eq!(c.job.run_id, run.id);
+        store
+            .complete_job(c.job.id, &c.lease.token, &done(status))
+            .await
+            .unwrap();
+        let ended = store.get_run(run.id).await.unwrap();
+        assert_eq!((ended.status, ended.jobs[0].status), (expected, status));
+        assert!(ended.finished_at.is_some());
+    }
+    store.close().await;
+}
+
 /// Two last jobs of a run completing at the same moment: each may see the other still running,
 /// and whichever commits last must end the run.
 async fn two_last_jobs_end_their_run(backend: Backend) {
@@ -207,4 +306,4 @@ async fn two_last_jobs_end_their_run(backend: Backend) {
     store.close().await;
 }
 
-backend_tests!(multi_thread: the_graph_moves_on_and_the_fence_holds, two_last_jobs_end_their_run);
+backend_tests!(multi_thread: the_graph_moves_on_and_the_fence_holds, the_last_job_ends_its_run_with_the_worst_outcome, two_last_jobs_end_their_run);

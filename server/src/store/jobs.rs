@@ -11,9 +11,7 @@ use sqlx::types::Json;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::runs::{
-    JOB_COLS, JobRow, RUN_PROGRESS, RunProgress, STEP_COLS, StepRow, advance_run, attach_steps,
-};
+use super::runs::{JOB_COLS, JobRow, STEP_COLS, StepRow, advance_run, attach_steps};
 use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token};
 
 /// A job claimed for a runner.
@@ -83,32 +81,47 @@ const COMPLETE_POSTGRES: &str = "UPDATE jobs SET status = $3, exit_code = $4, fi
      WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $5 \
      RETURNING run_id, (SELECT pg_notify($6, $7)) IS NULL AS notified";
 
-/// A completion on PostgreSQL that changes nothing but its own job, as one statement: the fenced
-/// update (with its notification, like [`COMPLETE_POSTGRES`]) and the job's leftover steps (`$8`
-/// for a step still running), only if the run is `running`, no job of it waits on `needs` and
-/// another job of it is still queued or running (the job itself is still running in the
-/// statement's snapshot, hence `open >= 2`). Most completions are such; they take one round trip
-/// where the transaction of [`Store::complete_job`] takes five. Anything else (the last open job,
-/// a job others need, a lost lease, a retry) returns no row, changes nothing, and takes the
+/// A completion on PostgreSQL that needs no plan of the job graph, as one statement: the run is
+/// `running` and no job of it waits on `needs`. It makes the fenced update (with its
+/// notification, like [`COMPLETE_POSTGRES`]) and ends the job's leftover steps (`$8` for a step
+/// still running). When the job is the run's last open one (in the statement's snapshot the job
+/// itself is still running, hence `open = 1`), the same statement also ends the run with the
+/// worst outcome of its jobs, as [`super::runs::plan_advance`] would: failed (also timed out and
+/// lost) beats cancelled beats succeeded (also skipped). The last column says whether it did.
+///
+/// Most completions are such; they take one round trip where the transaction of
+/// [`Store::complete_job`] takes five to ten. Anything else (a job others need, a run not yet or
+/// no longer `running`, a lost lease, a retry) returns no row, changes nothing, and takes the
 /// transaction. Like the transaction's own check, the snapshot may miss a sibling completing at
-/// the same moment; [`Store::settle_run`] after the commit catches that.
-const COMPLETE_QUIET_POSTGRES: &str = "WITH progress AS ( \
+/// the same moment (each then sees the other open, and neither ends the run);
+/// [`Store::settle_run`] after the commit catches that.
+const COMPLETE_ONE_POSTGRES: &str = "WITH progress AS ( \
        SELECT r.status AS run_status, \
          COUNT(*) FILTER (WHERE j.status = 'pending') AS pending, \
-         COUNT(*) FILTER (WHERE j.status IN ('queued', 'running')) AS open \
+         COUNT(*) FILTER (WHERE j.status IN ('queued', 'running')) AS open, \
+         COUNT(*) FILTER (WHERE j.id <> $1 AND j.status IN ('failed', 'timed_out', 'lost')) AS failed, \
+         COUNT(*) FILTER (WHERE j.id <> $1 AND j.status = 'cancelled') AS cancelled \
        FROM jobs me JOIN runs r ON r.id = me.run_id JOIN jobs j ON j.run_id = me.run_id \
        WHERE me.id = $1 GROUP BY r.status), \
      done AS ( \
        UPDATE jobs SET status = $3, exit_code = $4, finished_at = $5, lease_expires_at = NULL \
        FROM progress \
        WHERE jobs.id = $1 AND jobs.status = 'running' AND jobs.lease_token_hash = $2 AND jobs.lease_expires_at > $5 \
-         AND progress.run_status = 'running' AND progress.pending = 0 AND progress.open >= 2 \
-       RETURNING jobs.run_id, (SELECT pg_notify($6, $7)) IS NULL AS notified), \
+         AND progress.run_status = 'running' AND progress.pending = 0 \
+       RETURNING jobs.run_id, progress.open = 1 AS is_last, (SELECT pg_notify($6, $7)) IS NULL AS notified), \
      steps_ended AS ( \
        UPDATE steps SET status = CASE WHEN status = 'running' THEN $8 ELSE 'skipped' END, \
          finished_at = COALESCE(finished_at, $5) \
-       WHERE job_id = $1 AND status IN ('pending', 'running') AND EXISTS (SELECT 1 FROM done)) \
-     SELECT run_id, notified FROM done";
+       WHERE job_id = $1 AND status IN ('pending', 'running') AND EXISTS (SELECT 1 FROM done)), \
+     run_ended AS ( \
+       UPDATE runs SET status = CASE \
+           WHEN progress.failed > 0 OR $3 IN ('failed', 'timed_out') THEN 'failed' \
+           WHEN progress.cancelled > 0 OR $3 = 'cancelled' THEN 'cancelled' \
+           ELSE 'succeeded' END, \
+         finished_at = $5 \
+       FROM done, progress WHERE runs.id = done.run_id AND done.is_last AND runs.status = 'running' \
+       RETURNING runs.id) \
+     SELECT run_id, notified, EXISTS (SELECT 1 FROM run_ended) AS run_ended FROM done";
 
 /// One runner asking for a job, in a batch of claims.
 #[derive(Debug, Clone)]
@@ -424,7 +437,7 @@ impl Store {
         let hash = hash_token(lease_token);
         let postgres = self.is_postgres();
         if let super::Db::Postgres(pool) = &self.db {
-            let quiet: Option<(Uuid, bool)> = sqlx::query_as(COMPLETE_QUIET_POSTGRES)
+            let one: Option<(Uuid, bool, bool)> = sqlx::query_as(COMPLETE_ONE_POSTGRES)
                 .bind(job_id)
                 .bind(&hash)
                 .bind(req.status.as_str())
@@ -435,8 +448,8 @@ impl Store {
                 .bind(leftover_step_status(req.status).as_str())
                 .fetch_optional(pool)
                 .await?;
-            if let Some((run_id, _)) = quiet {
-                return self.completed(job_id, run_id, false).await;
+            if let Some((run_id, _, run_ended)) = one {
+                return self.completed(job_id, run_id, false, !run_ended).await;
             }
         }
         let _w = self.write_guard().await;
@@ -465,20 +478,9 @@ impl Store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    // PostgreSQL: a completion that changes nothing but its own job (the run
-                    // is running, no job waits on `needs`, others are still open) takes no lock
-                    // on the run row, so the jobs of one run complete in parallel instead of one
-                    // commit after another; `settle_run` below catches the last ones.
-                    let quiet = if self.writes_serialised() {
-                        false
-                    } else {
-                        let progress: RunProgress = sqlx::query_as(RUN_PROGRESS)
-                            .bind(run_id)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                        progress.quiet()
-                    };
-                    let queued = if quiet { false } else { advance_run!(self, tx, run_id, now)? };
+                    // On PostgreSQL, every completion that needs no plan of the job graph took
+                    // `COMPLETE_ONE_POSTGRES` above, without the run's lock; this one does.
+                    let queued = advance_run!(self, tx, run_id, now)?;
                     tx.commit().await?;
                     Some((run_id, queued))
                 }
@@ -487,7 +489,7 @@ impl Store {
         });
         drop(_w);
         match done {
-            Some((run_id, queued)) => self.completed(job_id, run_id, queued).await,
+            Some((run_id, queued)) => self.completed(job_id, run_id, queued, true).await,
             None => {
                 // An identical retry by the lease holder is fine; anything else is fenced out.
                 let row: Option<(String, Option<String>, Uuid)> = dispatch!(self, pool => {
@@ -511,16 +513,18 @@ impl Store {
         }
     }
 
-    /// What follows a committed completion of `job_id`; `queued` says whether it queued a job.
+    /// What follows a committed completion of `job_id`; `queued` says whether it queued a job,
+    /// `settle` whether its run may need [`Store::settle_run`] (not when the completion ended it).
     async fn completed(
         &self,
         job_id: Uuid,
         run_id: Uuid,
         queued: bool,
+        settle: bool,
     ) -> StoreResult<CompleteOutcome> {
         // Two jobs completing at once without the run's lock may each have seen the other still
         // running; whichever committed last sees both ended here.
-        let queued = if self.writes_serialised() {
+        let queued = if self.writes_serialised() || !settle {
             queued
         } else {
             self.settle_run(run_id).await? || queued
