@@ -769,7 +769,10 @@ impl Store {
             .bind(id)
             .fetch_all(pool)
             .await?;
-            let steps = sqlx::query_as(if postgres { RUN_STEPS_POSTGRES } else { RUN_STEPS_SQLITE })
+            let filter = if postgres { RUN_STEPS_WHERE_POSTGRES } else { RUN_STEPS_WHERE_SQLITE };
+            let steps = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {STEP_COLS} FROM steps WHERE {filter} ORDER BY idx"
+            )))
             .bind(id)
             .fetch_all(pool)
             .await?;
@@ -887,20 +890,16 @@ impl Store {
     }
 }
 
-/// A run's steps (`$1` the run), as [`Store::get_run`] reads them on SQLite.
-const RUN_STEPS_SQLITE: &str = "SELECT s.job_id, s.idx, s.name, s.kind, s.status, s.exit_code, \
-     s.started_at, s.finished_at, s.log_start, s.log_end \
-     FROM steps s JOIN jobs j ON j.id = s.job_id WHERE j.run_id = $1 ORDER BY s.idx";
+/// Which steps are a run's (`$1` the run), as [`Store::get_run`] reads them on SQLite.
+const RUN_STEPS_WHERE_SQLITE: &str = "job_id IN (SELECT id FROM jobs WHERE run_id = $1)";
 
 /// The same on PostgreSQL, with the run's job ids gathered first into an array, so that the steps
 /// are read through their primary key whatever the planner knows of the tables. On tables it has
-/// not analysed yet (a new database, until autovacuum first gets to it) the join was planned as a
+/// not analysed yet (a new database, until autovacuum first gets to it) a join was planned as a
 /// sequential scan of every step and a hash join: 0.9 ms and 96 buffers for a run of one job
 /// among 10,000, growing with the table; this way, 8 buffers and under 0.2 ms among 30,000 steps,
 /// analysed or not (BENCHMARKS.md, tenth round).
-const RUN_STEPS_POSTGRES: &str = "SELECT s.job_id, s.idx, s.name, s.kind, s.status, s.exit_code, \
-     s.started_at, s.finished_at, s.log_start, s.log_end \
-     FROM steps s WHERE s.job_id = ANY(ARRAY(SELECT id FROM jobs WHERE run_id = $1)) ORDER BY s.idx";
+const RUN_STEPS_WHERE_POSTGRES: &str = "job_id = ANY(ARRAY(SELECT id FROM jobs WHERE run_id = $1))";
 
 /// Takes a pipeline's next run number in [`CREATE_RUN_POSTGRES`] (`$12` the revision the run's
 /// definition was read at, if any; `$13` the hash of the API token the run is triggered with, if
