@@ -383,6 +383,9 @@ pub async fn reaper(store: std::sync::Arc<Store>, interval: Duration, shutdown: 
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
+        if let Err(e) = store.check_writer().await {
+            tracing::warn!(error = %e, "could not reopen the SQLite writer connection; will retry");
+        }
         if let Err(e) = store.reap_expired().await {
             tracing::warn!(error = %e, "could not reap expired leases; will retry");
         }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{NewRun, Store, StoreError, StoreResult, dispatch};
+use super::{NewRun, Store, StoreError, StoreResult, dispatch, with_writer};
 use crate::pipeline::{JobDef, PipelineDef};
 
 /// The action recorded for an invoke.
@@ -151,8 +151,8 @@ impl Store {
         job_id: Option<Uuid>,
         detail: &InvokeDetail,
     ) -> StoreResult<()> {
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
             sqlx::query(
                 "INSERT INTO audit_events (id, actor, action, object, detail, created_at, job_id) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -164,7 +164,7 @@ impl Store {
             .bind(Json(detail))
             .bind(Utc::now())
             .bind(job_id)
-            .execute(pool)
+            .execute(db)
             .await?;
         });
         Ok(())

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token};
+use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token, with_writer};
 
 /// What an API token may do; each scope includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -149,8 +149,8 @@ impl Store {
         }
         let token = new_token("opa_");
         let id = Uuid::now_v7();
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
             sqlx::query(
                 "INSERT INTO api_tokens (id, name, scope, token_hash, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -161,7 +161,7 @@ impl Store {
             .bind(hash_token(&token))
             .bind(Utc::now())
             .bind(expires_at)
-            .execute(pool)
+            .execute(db)
             .await?;
         });
         Ok((id, token))
@@ -182,15 +182,15 @@ impl Store {
     /// Revokes the API tokens with this name (or this id); returns how many.
     pub async fn revoke_api_token(&self, name_or_id: &str) -> StoreResult<u64> {
         let id = Uuid::parse_str(name_or_id).ok();
-        let _w = self.write_guard().await;
-        let n = dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        let n = with_writer!(w, db => {
             sqlx::query(
                 "UPDATE api_tokens SET revoked_at = $1 WHERE revoked_at IS NULL AND (name = $2 OR id = $3)",
             )
             .bind(Utc::now())
             .bind(name_or_id)
             .bind(id)
-            .execute(pool)
+            .execute(db)
             .await?
             .rows_affected()
         });
@@ -238,8 +238,8 @@ impl Store {
         }
         let token = new_token("opr_");
         let id = Uuid::now_v7();
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
             sqlx::query(
                 "INSERT INTO registration_tokens (id, pool, token_hash, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5)",
@@ -249,7 +249,7 @@ impl Store {
             .bind(hash_token(&token))
             .bind(Utc::now())
             .bind(expires_at)
-            .execute(pool)
+            .execute(db)
             .await?;
         });
         Ok((id, token))
@@ -271,15 +271,15 @@ impl Store {
     /// Revokes registration tokens by id, or every token of a pool; returns how many.
     pub async fn revoke_registration_token(&self, pool_or_id: &str) -> StoreResult<u64> {
         let id = Uuid::parse_str(pool_or_id).ok();
-        let _w = self.write_guard().await;
-        let n = dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        let n = with_writer!(w, db => {
             sqlx::query(
                 "UPDATE registration_tokens SET revoked_at = $1 WHERE revoked_at IS NULL AND (pool = $2 OR id = $3)",
             )
             .bind(Utc::now())
             .bind(pool_or_id)
             .bind(id)
-            .execute(pool)
+            .execute(db)
             .await?
             .rows_affected()
         });

@@ -7,12 +7,13 @@ use chrono::Utc;
 use outpost_protocol::{
     AssignedJob, CompleteRequest, HeartbeatResponse, Job, JobStatus, Lease, StepStatus, StepUpdate,
 };
+use sqlx::Connection as _;
 use sqlx::types::Json;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::runs::{JOB_COLS, JobRow, STEP_COLS, StepRow, advance_run, attach_steps};
-use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token};
+use super::{Store, StoreError, StoreResult, dispatch, hash_token, new_token, with_writer};
 
 /// A job claimed for a runner.
 #[derive(Debug, Clone)]
@@ -152,9 +153,9 @@ impl Store {
         let now = Utc::now();
         let token = new_token("opl_");
         let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
-        let _w = self.write_guard().await;
-        let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = match &self.db {
-            super::Db::Postgres(pool) => {
+        let mut w = self.writer().await?;
+        let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = match w {
+            super::Writer::Postgres(pool) => {
                 sqlx::query_as(CLAIM_POSTGRES)
                     .bind(runner_id)
                     .bind(hash_token(&token))
@@ -165,18 +166,18 @@ impl Store {
                     .await?
             }
             // One autocommit statement: the trigger of migration 0008 marks the run started.
-            super::Db::Sqlite(pool) => {
+            super::Writer::Sqlite(ref mut conn) => {
                 sqlx::query_as(CLAIM_SQLITE)
                     .bind(runner_id)
                     .bind(hash_token(&token))
                     .bind(expires_at)
                     .bind(now)
                     .bind(Json(labels))
-                    .fetch_optional(pool)
+                    .fetch_optional(&mut **conn)
                     .await?
             }
         };
-        drop(_w);
+        drop(w);
         let mut claimed = row.map(|(_, _, spec)| Claimed {
             job: spec.0,
             lease: Lease {
@@ -213,9 +214,9 @@ impl Store {
         let tokens: Vec<String> = requests.iter().map(|_| new_token("opl_")).collect();
         let hashes: Vec<String> = tokens.iter().map(|t| hash_token(t)).collect();
         let mut specs: Vec<Option<AssignedJob>> = vec![None; requests.len()];
-        let _w = self.write_guard().await;
-        match &self.db {
-            super::Db::Postgres(pool) => {
+        let mut w = self.writer().await?;
+        match w {
+            super::Writer::Postgres(pool) => {
                 // Requests with the same labels share one statement.
                 let mut groups: Vec<(&[String], Vec<usize>)> = Vec::new();
                 for (i, r) in requests.iter().enumerate() {
@@ -250,8 +251,8 @@ impl Store {
                     }
                 }
             }
-            super::Db::Sqlite(pool) => {
-                let mut tx = pool.begin_with(self.begin_write()).await?;
+            super::Writer::Sqlite(ref mut conn) => {
+                let mut tx = (**conn).begin_with(self.begin_write()).await?;
                 for (i, r) in requests.iter().enumerate() {
                     let row: Option<(Uuid, Uuid, Json<AssignedJob>)> = sqlx::query_as(CLAIM_SQLITE)
                         .bind(r.runner_id)
@@ -269,7 +270,7 @@ impl Store {
                 tx.commit().await?;
             }
         }
-        drop(_w);
+        drop(w);
         let mut out = Vec::with_capacity(requests.len());
         for (spec, token) in specs.into_iter().zip(tokens) {
             let claimed = match spec {
@@ -319,8 +320,8 @@ impl Store {
     ) -> StoreResult<HeartbeatResponse> {
         let now = Utc::now();
         let expires_at = now + chrono::Duration::seconds(lease_secs as i64);
-        let _w = self.write_guard().await;
-        let row: Option<(bool,)> = dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        let row: Option<(bool,)> = with_writer!(w, db => {
             sqlx::query_as(
                 "UPDATE jobs SET lease_expires_at = $3, heartbeat_seen = TRUE \
                  WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $4 \
@@ -330,10 +331,10 @@ impl Store {
             .bind(hash_token(lease_token))
             .bind(expires_at)
             .bind(now)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?
         });
-        drop(_w);
+        drop(w);
         match row {
             Some((cancel_requested,)) => Ok(HeartbeatResponse {
                 expires_at,
@@ -354,9 +355,9 @@ impl Store {
         let now = Utc::now();
         let offset = i64::try_from(update.log_offset)
             .map_err(|_| StoreError::Invalid("log_offset is too large".into()))?;
-        let _w = self.write_guard().await;
-        let outcome: Result<bool, StoreError> = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        let outcome: Result<bool, StoreError> = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let held: Option<(Uuid,)> = sqlx::query_as(
                 "UPDATE jobs SET heartbeat_seen = TRUE \
                  WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 RETURNING id",
@@ -404,7 +405,7 @@ impl Store {
                 }
             }
         });
-        drop(_w);
+        drop(w);
         match outcome? {
             true => {
                 self.events.publish_log(job_id).await;
@@ -452,9 +453,9 @@ impl Store {
                 return self.completed(job_id, run_id, false, !run_ended).await;
             }
         }
-        let _w = self.write_guard().await;
-        let done: Option<(Uuid, bool)> = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        let done: Option<(Uuid, bool)> = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let query = sqlx::query_as(if postgres { COMPLETE_POSTGRES } else { COMPLETE_SQLITE })
                 .bind(job_id)
                 .bind(&hash)
@@ -487,7 +488,7 @@ impl Store {
                 None => None,
             }
         });
-        drop(_w);
+        drop(w);
         match done {
             Some((run_id, queued)) => self.completed(job_id, run_id, queued, true).await,
             None => {
@@ -543,9 +544,9 @@ impl Store {
     /// Returns how many jobs were requeued and how many were lost. Safe to run on every replica.
     pub async fn reap_expired(&self) -> StoreResult<(usize, usize)> {
         let now = Utc::now();
-        let _w = self.write_guard().await;
-        let (requeued, lost): (Vec<(Uuid,)>, Vec<(Uuid, Uuid)>) = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        let (requeued, lost): (Vec<(Uuid,)>, Vec<(Uuid, Uuid)>) = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let requeued: Vec<(Uuid,)> = sqlx::query_as(
                 "UPDATE jobs SET status = 'queued', runner_id = NULL, lease_token_hash = NULL, lease_expires_at = NULL \
                  WHERE status = 'running' AND lease_expires_at <= $1 AND heartbeat_seen = FALSE RETURNING id",
@@ -579,7 +580,7 @@ impl Store {
             tx.commit().await?;
             (requeued, lost)
         });
-        drop(_w);
+        drop(w);
         let mut queued_any = false;
         if !self.writes_serialised() {
             // A completion of another job of these runs may have committed, without the run's

@@ -3,7 +3,7 @@
 use chrono::Utc;
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, dispatch, hash_token};
+use super::{Store, StoreError, StoreResult, dispatch, hash_token, with_writer};
 
 /// One stored range of a job's log.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -59,11 +59,11 @@ impl Store {
                 return Ok(end);
             }
         }
-        let _w = self.write_guard().await;
+        let mut w = self.writer().await?;
         if data.is_empty() {
             // An empty append only confirms the lease and asks where the log ends: one statement,
             // no transaction.
-            let held: Option<(i64,)> = dispatch!(self, pool => {
+            let held: Option<(i64,)> = with_writer!(w, db => {
                 sqlx::query_as(
                     "UPDATE jobs SET heartbeat_seen = TRUE \
                      WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 \
@@ -72,10 +72,10 @@ impl Store {
                 .bind(job_id)
                 .bind(hash_token(lease_token))
                 .bind(now)
-                .fetch_optional(pool)
+                .fetch_optional(db)
                 .await?
             });
-            drop(_w);
+            drop(w);
             return match held {
                 None => Err(self.lease_failure_for_log(job_id).await),
                 Some((size,)) if offset > size.max(0) as u64 => Err(StoreError::Gap {
@@ -87,8 +87,8 @@ impl Store {
         }
         // The fenced UPDATE also locks the job row (PostgreSQL) for the rest of the transaction,
         // so appends to one job are serialised even across replicas.
-        let result: Result<Option<u64>, StoreError> = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let result: Result<Option<u64>, StoreError> = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let held: Option<(i64,)> = sqlx::query_as(
                 "UPDATE jobs SET heartbeat_seen = TRUE \
                  WHERE id = $1 AND status = 'running' AND lease_token_hash = $2 AND lease_expires_at > $3 \
@@ -131,7 +131,7 @@ impl Store {
                 }
             }
         });
-        drop(_w);
+        drop(w);
         match result? {
             Some(next) => {
                 if next > offset {

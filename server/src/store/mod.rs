@@ -2,7 +2,8 @@
 //!
 //! SQL text is shared where the dialects agree (`$1` placeholders, `RETURNING`, `ON CONFLICT`);
 //! only claiming and locking differ. Each query body is written once and expanded for both
-//! pool types by the `dispatch!` macro.
+//! backends by the `dispatch!` macro (reads, through the pool) and the `with_writer!` macro
+//! (writes: SQLite's one writer connection, PostgreSQL's pool).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -11,8 +12,10 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::events::Events;
@@ -91,16 +94,67 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// What a write goes through ([`Store::writer`]): on SQLite the store's one writer connection,
+/// locked for as long as this lives, which serialises writers; on PostgreSQL the pool.
+pub(crate) enum Writer<'a> {
+    Sqlite(MutexGuard<'a, SqliteConnection>),
+    Postgres(&'a PgPool),
+}
+
+/// Expands a write's body for both backends with `$db` bound to what the [`Writer`] `$writer`
+/// holds: `&mut SqliteConnection` or `&PgPool`. A body that uses `$db` once can hand it to a
+/// query as is; one that needs it several times opens a transaction on it (`$db.begin_with`).
+macro_rules! with_writer {
+    ($writer:ident, $db:ident => $body:expr) => {
+        match $writer {
+            $crate::store::Writer::Sqlite(ref mut guard) => {
+                #[allow(unused_imports)]
+                use ::sqlx::Connection as _;
+                let $db: &mut ::sqlx::SqliteConnection = &mut **guard;
+                $body
+            }
+            $crate::store::Writer::Postgres($db) => $body,
+        }
+    };
+}
+pub(crate) use with_writer;
+
+/// SQLite's writer connection, and how to open it again ([`Store::check_writer`]).
+#[derive(Debug)]
+struct SqliteWriter {
+    conn: Mutex<SqliteConnection>,
+    opts: SqliteConnectOptions,
+}
+
+impl SqliteWriter {
+    /// Replaces the connection `conn` (this writer's, locked) with a new one.
+    async fn reopen(&self, conn: &mut SqliteConnection) -> StoreResult<()> {
+        let fresh = self.opts.connect().await?;
+        // Closing the old connection rolls back whatever it left open.
+        let stale = std::mem::replace(conn, fresh);
+        if let Err(e) = stale.close_hard().await {
+            tracing::debug!(error = %e, "closing the stale SQLite writer connection");
+        }
+        tracing::warn!(
+            "reopened the SQLite writer connection, which a failed write had left unusable"
+        );
+        Ok(())
+    }
+}
+
 /// A pooled PostgreSQL connection idle at least this long is pinged before it is used.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
-/// The store: a pool and, for SQLite, the single-writer lock.
+/// The store: a pool and, for SQLite, the one writer connection under its lock.
 #[derive(Debug)]
 pub struct Store {
     pub(crate) db: Db,
-    /// SQLite allows one writer at a time; serialising writers here avoids `SQLITE_BUSY`
-    /// on lock upgrades inside transactions. PostgreSQL needs no such lock.
-    write_lock: Option<Mutex<()>>,
+    /// SQLite allows one writer at a time: every write goes through this one connection, under
+    /// its lock, which avoids `SQLITE_BUSY` on lock upgrades inside transactions. Being outside
+    /// the pool, it costs no hop to its thread when a write ends (the pool pings every connection
+    /// given back to it), and its page cache stays valid from one write to the next (only it
+    /// writes). PostgreSQL needs none.
+    sqlite_writer: Option<SqliteWriter>,
     /// Wake-ups for long polls and live logs.
     pub events: Arc<Events>,
     /// Runners authenticated recently.
@@ -132,6 +186,7 @@ impl Store {
                     format!("could not create the data directory {}", parent.display())
                 })?;
             }
+            let writer_opts = opts.clone();
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(30))
@@ -145,9 +200,16 @@ impl Store {
                 .run(&pool)
                 .await
                 .context("could not migrate the SQLite database")?;
+            let writer = writer_opts
+                .connect()
+                .await
+                .with_context(|| format!("could not open the SQLite database at {url}"))?;
             Ok(Self {
                 db: Db::Sqlite(pool),
-                write_lock: Some(Mutex::new(())),
+                sqlite_writer: Some(SqliteWriter {
+                    conn: Mutex::new(writer),
+                    opts: writer_opts,
+                }),
                 events: Arc::new(Events::new(None)),
                 runner_cache: Default::default(),
                 pipeline_cache: Default::default(),
@@ -186,7 +248,7 @@ impl Store {
             Ok(Self {
                 events: Arc::new(Events::new(Some(pool.clone()))),
                 db: Db::Postgres(pool),
-                write_lock: None,
+                sqlite_writer: None,
                 runner_cache: Default::default(),
                 pipeline_cache: Default::default(),
                 known_tokens: Default::default(),
@@ -210,11 +272,10 @@ impl Store {
         matches!(self.db, Db::Postgres(_))
     }
 
-    /// Takes the SQLite writer lock (a no-op on PostgreSQL).
     /// Whether every write transaction runs under the store's own writer lock (SQLite), so
     /// that transactions never interleave.
     pub(crate) fn writes_serialised(&self) -> bool {
-        self.write_lock.is_some()
+        self.sqlite_writer.is_some()
     }
 
     /// How a write transaction begins. On SQLite a deferred transaction that reads before it
@@ -230,11 +291,47 @@ impl Store {
         }
     }
 
-    pub(crate) async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
-        match &self.write_lock {
-            Some(m) => Some(m.lock().await),
-            None => None,
+    /// What writes go through: SQLite's writer connection, locked until the [`Writer`] is
+    /// dropped, or PostgreSQL's pool (no lock).
+    ///
+    /// A writer connection still in a transaction when it is taken would run the next write
+    /// inside that transaction, which nobody commits: the write would seem to succeed and be lost.
+    /// Usually the transaction is one a write dropped mid-way, whose rollback is queued on the
+    /// connection's thread but not yet done; a ping waits for it. If the connection is still in a
+    /// transaction after that (the rollback failed), it is opened again.
+    pub(crate) async fn writer(&self) -> StoreResult<Writer<'_>> {
+        let writer = match (&self.db, &self.sqlite_writer) {
+            (Db::Postgres(pool), _) => return Ok(Writer::Postgres(pool)),
+            (Db::Sqlite(_), writer) => writer
+                .as_ref()
+                .expect("an SQLite store opens its writer connection when it connects"),
+        };
+        let mut conn = writer.conn.lock().await;
+        if conn.is_in_transaction() {
+            let _ = conn.ping().await;
+            if conn.is_in_transaction() {
+                writer.reopen(&mut conn).await?;
+            }
         }
+        Ok(Writer::Sqlite(conn))
+    }
+
+    /// Opens SQLite's writer connection again if it is no longer usable: its thread stopped (a
+    /// write then fails with an error), or it is stuck in a transaction. A pool would drop such a
+    /// connection when it came back; the writer never goes back to one, so the reaper calls this
+    /// on every tick. Answers whether it reopened. No-op on PostgreSQL.
+    pub async fn check_writer(&self) -> StoreResult<bool> {
+        let Some(writer) = &self.sqlite_writer else {
+            return Ok(false);
+        };
+        let mut conn = writer.conn.lock().await;
+        // The ping is answered after anything queued before it, a dropped transaction's rollback
+        // included, so the transaction depth read after it is settled.
+        if conn.ping().await.is_ok() && !conn.is_in_transaction() {
+            return Ok(false);
+        }
+        writer.reopen(&mut conn).await?;
+        Ok(true)
     }
 
     /// Checks that the database answers.
@@ -298,6 +395,60 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    /// A write dropped mid-transaction whose rollback never ran leaves the writer connection in
+    /// its transaction: every later write would fail, or commit nothing. The reaper's check finds
+    /// it and opens the writer again, and writes land once more.
+    #[tokio::test]
+    async fn a_writer_stuck_in_a_transaction_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("outpost.db").display());
+        let store = Store::connect(&url, 4).await.unwrap();
+        assert!(
+            !store.check_writer().await.unwrap(),
+            "a fresh writer is fine"
+        );
+        store
+            .create_api_token("before", auth::Scope::Read, None)
+            .await
+            .unwrap();
+        {
+            let mut w = store.writer().await.unwrap();
+            let Writer::Sqlite(ref mut conn) = w else {
+                panic!("an SQLite store writes through its writer connection");
+            };
+            let tx = (**conn).begin_with("BEGIN IMMEDIATE").await.unwrap();
+            // Neither committed nor rolled back, as when a rollback fails.
+            std::mem::forget(tx);
+        }
+        // The next write finds it so, and gets a connection opened afresh.
+        store
+            .create_api_token("after", auth::Scope::Read, None)
+            .await
+            .unwrap();
+        assert!(!store.check_writer().await.unwrap(), "then it is fine");
+        {
+            let mut w = store.writer().await.unwrap();
+            let Writer::Sqlite(ref mut conn) = w else {
+                panic!("an SQLite store writes through its writer connection");
+            };
+            std::mem::forget((**conn).begin_with("BEGIN IMMEDIATE").await.unwrap());
+        }
+        // So does the reaper's check.
+        assert!(store.check_writer().await.unwrap(), "the check reopens it");
+        store
+            .create_api_token("last", auth::Scope::Read, None)
+            .await
+            .unwrap();
+        let names: Vec<String> = store
+            .list_api_tokens()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["before", "after", "last"]);
     }
 
     #[test]

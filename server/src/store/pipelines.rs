@@ -8,7 +8,7 @@ use outpost_protocol::Pipeline;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, dispatch};
+use super::{Store, StoreError, StoreResult, dispatch, with_writer};
 use crate::pipeline::PipelineDef;
 
 #[derive(sqlx::FromRow)]
@@ -82,9 +82,9 @@ impl Store {
         def: &PipelineDef,
     ) -> StoreResult<(Pipeline, bool)> {
         let now = Utc::now();
-        let _w = self.write_guard().await;
-        let (row, created): (PipelineRow, bool) = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        let (row, created): (PipelineRow, bool) = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let existed: Option<(String,)> = sqlx::query_as("SELECT name FROM pipelines WHERE name = $1")
                 .bind(name)
                 .fetch_optional(&mut *tx)
@@ -137,11 +137,11 @@ impl Store {
 
     /// Deletes a pipeline; its runs stay as history.
     pub async fn delete_pipeline(&self, name: &str) -> StoreResult<()> {
-        let _w = self.write_guard().await;
-        let n = dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        let n = with_writer!(w, db => {
             sqlx::query("DELETE FROM pipelines WHERE name = $1")
                 .bind(name)
-                .execute(pool)
+                .execute(db)
                 .await?
                 .rows_affected()
         });

@@ -5,7 +5,7 @@ use outpost_protocol::{RegisterRequest, RegisterResponse, Runner, RunnerState};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, StoreResult, dispatch, hash_token, new_token};
+use super::{Store, StoreResult, dispatch, hash_token, new_token, with_writer};
 
 /// The runner behind a valid runner token.
 #[derive(Debug, Clone)]
@@ -83,8 +83,8 @@ impl Store {
                 labels.push(label);
             }
         }
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
             sqlx::query(
                 "INSERT INTO runners (id, name, labels, pool, version, os, arch, token_hash, created_at, last_seen_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
@@ -98,7 +98,7 @@ impl Store {
             .bind(&req.arch)
             .bind(hash_token(&token))
             .bind(now)
-            .execute(pool)
+            .execute(db)
             .await?;
         });
         Ok(RegisterResponse {
@@ -117,14 +117,14 @@ impl Store {
         if let Some(p) = self.runner_cache.fresh(&hash) {
             return Ok(Some(p));
         }
-        let _w = self.write_guard().await;
-        let row: Option<(Uuid, String, Json<Vec<String>>)> = dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        let row: Option<(Uuid, String, Json<Vec<String>>)> = with_writer!(w, db => {
             sqlx::query_as(
                 "UPDATE runners SET last_seen_at = $2 WHERE token_hash = $1 RETURNING id, name, labels",
             )
             .bind(&hash)
             .bind(Utc::now())
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?
         });
         let principal = row.map(|(id, name, labels)| RunnerPrincipal {

@@ -6,10 +6,14 @@ use chrono::{DateTime, Utc};
 use outpost_protocol::{
     AssignedJob, Job, JobStatus, Lease, Run, RunList, RunStatus, Step, StepStatus, TriggerInfo,
 };
+use sqlx::Connection as _;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Claimed, KnownToken, Store, StoreError, StoreResult, dispatch, hash_token, new_token};
+use super::{
+    Claimed, KnownToken, Store, StoreError, StoreResult, dispatch, hash_token, new_token,
+    with_writer,
+};
 use crate::pipeline::PipelineDef;
 use crate::queue::Handoff;
 
@@ -534,13 +538,13 @@ impl Store {
             started,
             queued_left,
         };
-        let created = match &self.db {
-            super::Db::Postgres(pool) => {
+        let created = match self.writer().await {
+            Err(e) => Err(e),
+            Ok(super::Writer::Postgres(pool)) => {
                 create_run_postgres(pool, run_id, &new, now, rows, checks).await
             }
-            super::Db::Sqlite(pool) => {
-                let _w = self.write_guard().await;
-                self.create_run_sqlite(pool, run_id, &new, now, rows, checks)
+            Ok(super::Writer::Sqlite(mut conn)) => {
+                self.create_run_sqlite(&mut conn, run_id, &new, now, rows, checks)
                     .await
             }
         };
@@ -594,11 +598,11 @@ impl Store {
     }
 
     /// [`Store::create_run`] on SQLite: the number in its own statement, then one transaction of
-    /// multi-row inserts, under the writer lock the caller holds. `None` if there is no such
-    /// pipeline, or one of `checks` failed.
+    /// multi-row inserts, on the writer connection `conn` the caller holds locked. `None` if
+    /// there is no such pipeline, or one of `checks` failed.
     async fn create_run_sqlite(
         &self,
-        pool: &sqlx::SqlitePool,
+        conn: &mut sqlx::SqliteConnection,
         run_id: Uuid,
         new: &NewRun,
         now: DateTime<Utc>,
@@ -612,7 +616,7 @@ impl Store {
             // Invoke runs have no pipeline row: they count in a table of their own.
             sqlx::query_as(NEXT_INVOKE_NUMBER)
                 .bind(&new.pipeline)
-                .fetch_optional(pool)
+                .fetch_optional(&mut *conn)
                 .await?
         } else {
             sqlx::query_as(NEXT_PIPELINE_NUMBER_SQLITE)
@@ -620,14 +624,14 @@ impl Store {
                 .bind(checks.revision)
                 .bind(checks.token_hash)
                 .bind(now)
-                .fetch_optional(pool)
+                .fetch_optional(&mut *conn)
                 .await?
         };
         let Some((number,)) = number else {
             return Ok(None);
         };
         let jobs = rows.jobs;
-        let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
         sqlx::query(
             "INSERT INTO runs (id, pipeline, number, status, trigger, variables, created_at, started_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -721,14 +725,14 @@ impl Store {
             return Ok(false);
         }
         let now = Utc::now();
-        let _w = self.write_guard().await;
-        let queued = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        let queued = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let queued = advance_run!(self, tx, run_id, now)?;
             tx.commit().await?;
             queued
         });
-        drop(_w);
+        drop(w);
         Ok(queued)
     }
 
@@ -835,10 +839,10 @@ impl Store {
 
     async fn cancel_where(&self, run_id: Uuid, job: Option<Uuid>) -> StoreResult<()> {
         let now = Utc::now();
-        let _w = self.write_guard().await;
+        let mut w = self.writer().await?;
         // Found by schemathesis with two concurrent workers: see `Store::begin_write`.
-        dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE id = $1")
                 .bind(run_id)
                 .fetch_optional(&mut *tx)
@@ -880,7 +884,7 @@ impl Store {
                 self.events.publish_log(id).await;
             }
         });
-        drop(_w);
+        drop(w);
         // A completion of a job of this run may have committed, without the run's lock, after
         // the advance above read it: see `Store::settle_run`.
         if !self.writes_serialised() && self.settle_run(run_id).await? {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, dispatch};
+use super::{Store, StoreError, StoreResult, dispatch, with_writer};
 use crate::secrets::{self, SecretsKey};
 
 /// A secret as listed: never its value.
@@ -168,9 +168,9 @@ impl Store {
         let now = Utc::now();
         let detail =
             serde_json::json!({ "name": name, "pipeline": pipeline.filter(|p| !p.is_empty()) });
-        let _w = self.write_guard().await;
-        let existing: Option<(DateTime<Utc>,)> = dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        let existing: Option<(DateTime<Utc>,)> = with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             // The first secret stored writes the key check; every later one verifies against it,
             // so two processes with different keys can never both store secrets.
             sqlx::query(
@@ -245,9 +245,9 @@ impl Store {
         let now = Utc::now();
         let detail =
             serde_json::json!({ "name": name, "pipeline": pipeline.filter(|p| !p.is_empty()) });
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
-            let mut tx = pool.begin_with(self.begin_write()).await?;
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
+            let mut tx = db.begin_with(self.begin_write()).await?;
             let n = sqlx::query("DELETE FROM secrets WHERE name = $1 AND pipeline = $2")
                 .bind(name)
                 .bind(scope)

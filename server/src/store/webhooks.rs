@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, StoreResult, dispatch};
+use super::{Store, StoreResult, dispatch, with_writer};
 use crate::pipeline::PipelineDef;
 
 /// Outcomes after which a delivery with the same id is processed again rather than answered as a
@@ -110,8 +110,8 @@ impl Store {
     pub async fn record_delivery(&self, new: NewDelivery) -> StoreResult<Uuid> {
         let id = Uuid::now_v7();
         let now = Utc::now();
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
             sqlx::query(
                 "INSERT INTO webhook_deliveries (id, source, delivery_id, dedupe_key, event, pipeline, outcome, \
                  status_code, reason, run_ids, received_at, updated_at) \
@@ -127,7 +127,7 @@ impl Store {
             .bind(new.reason.as_deref())
             .bind(Json(&new.run_ids))
             .bind(now)
-            .execute(pool)
+            .execute(db)
             .await?;
         });
         Ok(id)
@@ -143,8 +143,8 @@ impl Store {
         let id = Uuid::now_v7();
         let now = Utc::now();
         let stale_before = now - chrono::Duration::seconds(STALE_PROCESSING_SECS);
-        let _w = self.write_guard().await;
-        let claimed: Option<(Uuid, Json<Vec<Uuid>>, DateTime<Utc>)> = dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        let claimed: Option<(Uuid, Json<Vec<Uuid>>, DateTime<Utc>)> = with_writer!(w, db => {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO webhook_deliveries (id, source, delivery_id, dedupe_key, event, pipeline, outcome, \
                  status_code, reason, run_ids, received_at, updated_at) \
@@ -163,10 +163,10 @@ impl Store {
             .bind(Json(Vec::<Uuid>::new()))
             .bind(now)
             .bind(stale_before)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?
         });
-        drop(_w);
+        drop(w);
         match claimed {
             Some((claimed_id, _, _)) if claimed_id == id => Ok(Claim::New { id }),
             Some((claimed_id, Json(mut run_ids), received_at)) => {
@@ -248,8 +248,8 @@ impl Store {
         run_ids: &[Uuid],
     ) -> StoreResult<()> {
         let now = Utc::now();
-        let _w = self.write_guard().await;
-        dispatch!(self, pool => {
+        let mut w = self.writer().await?;
+        with_writer!(w, db => {
             sqlx::query(
                 "UPDATE webhook_deliveries SET outcome = $2, status_code = $3, reason = $4, run_ids = $5, \
                  updated_at = $6 WHERE id = $1",
@@ -260,7 +260,7 @@ impl Store {
             .bind(reason)
             .bind(Json(run_ids))
             .bind(now)
-            .execute(pool)
+            .execute(db)
             .await?;
         });
         Ok(())
