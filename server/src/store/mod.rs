@@ -398,8 +398,8 @@ mod tests {
     }
 
     /// A write dropped mid-transaction whose rollback never ran leaves the writer connection in
-    /// its transaction: every later write would fail, or commit nothing. The reaper's check finds
-    /// it and opens the writer again, and writes land once more.
+    /// its transaction, where later writes would run and never commit. The next write finds it
+    /// so, and so does the reaper's check; either opens the writer again, and writes land.
     #[tokio::test]
     async fn a_writer_stuck_in_a_transaction_is_reopened() {
         let dir = tempfile::tempdir().unwrap();
